@@ -1,0 +1,65 @@
+"""An Arrow cache for converted corpora: built once, memory-mapped afterwards, never half-written.
+
+The key hashes the source files' paths, sizes and modification times, the converter's version and its options, so an
+edited or replaced download is converted again. A build writes into a temporary folder beside the entry and renames it
+into place only when complete: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+
+
+def cache_root() -> Path:
+    """``$CRSLIGHT_CACHE`` or ``~/.cache/crslight``."""
+    return Path(os.environ.get("CRSLIGHT_CACHE", Path.home() / ".cache" / "crslight")).expanduser()
+
+
+def cache_key(files: list[Path], **options) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def cached(
+    name: str, key: str, build: Callable[[], tuple[datasets.DatasetDict, dict]], enabled: bool = True
+) -> tuple[datasets.DatasetDict, dict]:
+    """Returns ``(datasets, meta)`` from the cache entry ``name/key`` or builds and stores it.
+
+    Args:
+        name: the source's name (a cache subfolder).
+        key: from :func:`cache_key`.
+        build: makes the ``DatasetDict`` and a JSON-serialisable ``meta`` dict (counts, report).
+        enabled: False builds in memory and stores nothing.
+    """
+    if not enabled:
+        return build()
+    entry = cache_root() / "data" / name / key
+    if (entry / "meta.json").is_file():
+        return datasets.load_from_disk(str(entry / "arrow")), json.loads((entry / "meta.json").read_text())
+    data, meta = build()
+    datasets.disable_progress_bars()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}-"))
+    try:
+        data.save_to_disk(str(tmp / "arrow"))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process won the race: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return datasets.load_from_disk(str(entry / "arrow")), meta

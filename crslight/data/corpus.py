@@ -1,0 +1,139 @@
+"""One entry point for every source: ``load_corpus(name, root, split)`` → :class:`Corpus`.
+
+A source is converted once into the canonical schema (``crslight.data.schema``) with all its splits, stored as Arrow
+in the cache, and memory-mapped on every later load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import datasets
+
+from crslight.data import opendialkg, redial, synthetic
+from crslight.data.cache import cache_key, cached
+from crslight.data.errors import DataError, LoadReport, require_files
+from crslight.data.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, RecSample, rec_samples
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("redial", "opendialkg", "synthetic")
+SPLITS = ("train", "valid", "test")
+#: Bump when a converter's output changes, so old cache entries are not reused.
+CONVERTER_VERSION = 1
+
+
+@dataclass
+class Corpus:
+    """One split of one source in the canonical schema.
+
+    Attributes:
+        name: the source (``redial``, ``opendialkg``, ``synthetic``).
+        split: ``train``, ``valid`` or ``test``.
+        dialogues: the dialogues (``datasets.Dataset``, schema in ``crslight.data.schema``).
+        catalogue: the item catalogue (``datasets.Dataset``).
+        report: rows skipped and item ids not resolved while converting (over all splits of the source).
+    """
+
+    name: str
+    split: str
+    dialogues: datasets.Dataset
+    catalogue: datasets.Dataset
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        """item id → row of the catalogue (the column a ranking score refers to)."""
+        return {item_id: i for i, item_id in enumerate(self.catalogue["item_id"])}
+
+    @cached_property
+    def item_names(self) -> list[str]:
+        return self.catalogue["name"]
+
+    @cached_property
+    def rec_samples(self) -> list[RecSample]:
+        """One sample per (recommender turn, catalogue item it mentions): the CRSLab / UniCRS protocol."""
+        return [s for s in rec_samples(self.dialogues) if s.item in self.item_index]
+
+    def stats(self) -> dict:
+        turns = self.dialogues["turns"]
+        mentioned = {item for ts in turns for t in ts for item in t["items"]}
+        samples = self.rec_samples
+        return {
+            "dataset": self.name,
+            "split": self.split,
+            "dialogues": len(self.dialogues),
+            "turns": sum(len(ts) for ts in turns),
+            "recommender_turns": sum(t["role"] == "recommender" for ts in turns for t in ts),
+            "rec_samples": len(samples),
+            "rec_samples_new": sum(s.is_new for s in samples),
+            "items": len(self.catalogue),
+            "items_mentioned": len(mentioned),
+            "labelled_items": sum(len(x) for x in self.dialogues["labels"]),
+            "rated_dialogues": sum(r == r for r in self.dialogues["rating"]),
+            "unknown_items": self.report.unknown_items,
+            "bad_rows": self.report.bad_rows,
+        }
+
+
+def _to_datasets(splits: dict[str, list[dict]], catalogue: list[dict]) -> datasets.DatasetDict:
+    out = {s: datasets.Dataset.from_list(rows, features=DIALOGUE_FEATURES) for s, rows in splits.items()}
+    out["catalogue"] = datasets.Dataset.from_list(catalogue, features=CATALOGUE_FEATURES)
+    return datasets.DatasetDict(out)
+
+
+def load_corpus(
+    name: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    skip_bad_rows: bool = False,
+    cache: bool = True,
+    seed: int = 0,
+    n_dialogues: int = 1000,
+    n_items: int = 400,
+) -> Corpus:
+    """Loads one split of a source in the canonical schema.
+
+    Args:
+        name: ``redial``, ``opendialkg`` or ``synthetic``.
+        root: the folder of the official download (``redial``, ``opendialkg``); unused for ``synthetic``.
+        split: ``train``, ``valid`` or ``test`` (the split rules are in each loader's docstring).
+        skip_bad_rows: skip malformed lines/rows instead of raising; how many is in ``corpus.report.bad_rows``.
+        cache: store the conversion in the Arrow cache (``$CRSLIGHT_CACHE``, default ``~/.cache/crslight``).
+        seed: synthetic only: the generator's seed.
+        n_dialogues: synthetic only: dialogues in the train split (valid and test get a fifth each).
+        n_items: synthetic only: catalogue size.
+    """
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(SOURCES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    report = LoadReport()
+    if name == "synthetic":
+        sizes = {"train": n_dialogues, "valid": max(1, n_dialogues // 5), "test": max(1, n_dialogues // 5)}
+
+        def build():
+            splits = {s: synthetic.generate(seed, sizes[s], n_items, split=s)[0] for s in SPLITS}
+            return _to_datasets(splits, synthetic.make_catalogue(seed, n_items)), {}
+
+        key = f"v{CONVERTER_VERSION}-s{seed}-d{n_dialogues}-i{n_items}"
+    else:
+        if root is None:
+            raise DataError("<root>", f"--root is required for {name}: the folder of the official download")
+        module = redial if name == "redial" else opendialkg
+        root = require_files(root, module.FILES, name)
+
+        def build():
+            splits, catalogue = module.load_splits(root, report, skip_bad_rows)
+            return _to_datasets(splits, catalogue), {"bad_rows": report.bad_rows, "unknown_items": report.unknown_items,
+                                                      "errors": report.errors}
+
+        key = cache_key([root / f for f in module.FILES], version=CONVERTER_VERSION, skip_bad_rows=skip_bad_rows)
+    data, meta = cached(name, key, build, enabled=cache)
+    report = LoadReport(meta.get("bad_rows", 0), meta.get("unknown_items", 0), meta.get("errors", []))
+    if report.bad_rows:
+        log.warning("%s: skipped %d bad rows; first: %s", name, report.bad_rows, report.errors[:1])
+    return Corpus(name, split, data[split], data["catalogue"], report)
