@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 
 def cache_root() -> Path:
@@ -47,13 +48,17 @@ def cached(
         return build()
     entry = cache_root() / "data" / name / key
     if (entry / "meta.json").is_file():
-        return datasets.load_from_disk(str(entry / "arrow")), json.loads((entry / "meta.json").read_text())
+        return _load(entry)
     data, meta = build()
+    # datasets cannot reload a split saved with no rows: store its schema in meta and rebuild it on load
+    meta = {**meta, "empty": {k: v.features.to_dict() for k, v in data.items() if len(v) == 0}}
+    data = datasets.DatasetDict({k: v for k, v in data.items() if len(v)})
     datasets.disable_progress_bars()
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}-"))
     try:
-        data.save_to_disk(str(tmp / "arrow"))
+        if data:
+            data.save_to_disk(str(tmp / "arrow"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, entry)
@@ -62,4 +67,13 @@ def cached(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return datasets.load_from_disk(str(entry / "arrow")), meta
+    return _load(entry)
+
+
+def _load(entry: Path) -> tuple[datasets.DatasetDict, dict]:
+    meta = json.loads((entry / "meta.json").read_text())
+    data = datasets.load_from_disk(str(entry / "arrow")) if (entry / "arrow").exists() else datasets.DatasetDict()
+    for split, features in meta.pop("empty", {}).items():
+        schema = datasets.Features.from_dict(features).arrow_schema
+        data[split] = datasets.Dataset(pa.Table.from_pylist([], schema=schema))
+    return data, meta

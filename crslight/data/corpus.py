@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from crslight.data import opendialkg, redial, synthetic
 from crslight.data.cache import cache_key, cached
@@ -79,9 +80,15 @@ class Corpus:
         }
 
 
+def _table(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
+    if not rows:  # from_list([]) would drop the columns
+        return datasets.Dataset(pa.Table.from_pylist([], schema=features.arrow_schema))
+    return datasets.Dataset.from_list(rows, features=features)
+
+
 def _to_datasets(splits: dict[str, list[dict]], catalogue: list[dict]) -> datasets.DatasetDict:
-    out = {s: datasets.Dataset.from_list(rows, features=DIALOGUE_FEATURES) for s, rows in splits.items()}
-    out["catalogue"] = datasets.Dataset.from_list(catalogue, features=CATALOGUE_FEATURES)
+    out = {s: _table(rows, DIALOGUE_FEATURES) for s, rows in splits.items()}
+    out["catalogue"] = _table(catalogue, CATALOGUE_FEATURES)
     return datasets.DatasetDict(out)
 
 

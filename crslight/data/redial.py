@@ -111,7 +111,7 @@ def convert_dialogue(raw: dict, titles: dict[str, str], path: Path, line: int, r
         offset = _expect(msg.get("timeOffset"), (int, float), path, line, f"{field}.timeOffset", "a number of seconds")
         items: list[str] = []
 
-        def substitute(match: re.Match) -> str:
+        def substitute(match: re.Match, items: list[str] = items) -> str:
             movie_id = match.group(1)
             name = title(movie_id)
             if name is None:

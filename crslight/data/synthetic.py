@@ -118,7 +118,7 @@ def reaction_text(rng: np.random.Generator, item: dict, value: float, seen: bool
     return str(rng.choice([
         f"No, I really don't want something {attrs['mood']} right now.",
         f"Ugh, I hate {attrs['genre']} movies. Please suggest something else.",
-        f"That sounds terrible for my mood, no thanks.",
+        "That sounds terrible for my mood, no thanks.",
     ]))
 
 

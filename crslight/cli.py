@@ -1,0 +1,111 @@
+"""The ``crslight`` command.
+
+``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
+``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
+tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``.
+
+Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+TOOLS = ("data", "plugins", "simulate", "chat", "export")
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def _tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crslight", description="RLHF from implicit feedback for recommenders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect a data source").add_subparsers(dest="action", required=True)
+    stats = data.add_parser("stats", help="print one JSON object with a split's counts")
+    stats.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic"])
+    stats.add_argument("--root", default=None, help="folder of the official download (not for synthetic)")
+    stats.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    stats.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report how many")
+    stats.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    stats.add_argument("--n-dialogues", type=int, default=1000, help="synthetic: train dialogues")
+
+    plugins = sub.add_parser("plugins", help="list registered signals and metrics with their packages")
+    plugins.add_argument("--json", action="store_true")
+
+    sim = sub.add_parser("simulate", help="run episodes against a user simulator and print a JSON summary")
+    sim.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
+    sim.add_argument("--root", default=None)
+    sim.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    sim.add_argument("--policy", default="popularity", help="random, popularity, or a model folder / alias")
+    sim.add_argument("--episodes", type=int, default=200)
+    sim.add_argument("--max-turns", type=int, default=3)
+    sim.add_argument("--seed", type=int, default=0)
+
+    chat = sub.add_parser("chat", help="talk to a trained recommender in the terminal")
+    chat.add_argument("--policy", required=True, help="a transformers folder (see `crslight export`) or alias")
+    chat.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
+    chat.add_argument("--root", default=None, help="catalogue source for linking titles to ids")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+
+    export = sub.add_parser("export", help="write a checkpoint's policy as a transformers folder")
+    export.add_argument("--ckpt", required=True)
+    export.add_argument("--out", required=True)
+    return parser
+
+
+def run_tool(argv: list[str]) -> int:
+    args = _tool_parser().parse_args(argv)
+    if args.command == "data":
+        from crslight.data import DataError, load_corpus
+
+        try:
+            corpus = load_corpus(args.dataset, args.root, args.split, skip_bad_rows=args.skip_bad_rows,
+                                 seed=args.seed, n_dialogues=args.n_dialogues)
+        except DataError as e:
+            print(f"crslight data stats: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(corpus.stats(), default=_json_default))
+        return 0
+    if args.command == "plugins":
+        from crslight.plugins import plugins_listing
+
+        print(plugins_listing(as_json=args.json))
+        return 0
+    if args.command == "simulate":
+        from crslight.simulator.cli import simulate
+
+        print(json.dumps(simulate(dataset=args.dataset, root=args.root, policy=args.policy, episodes=args.episodes,
+                                  max_turns=args.max_turns, seed=args.seed, split=args.split)))
+        return 0
+    if args.command == "chat":
+        from crslight.chat import chat
+
+        return chat(args.policy, dataset=args.dataset, root=args.root, max_new_tokens=args.max_new_tokens)
+    if args.command == "export":
+        from crslight.export import export
+
+        print(export(Path(args.ckpt), Path(args.out)))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv)
+    from crslight.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""LightningDataModules: one per source (``ReDial``, ``OpenDialKG``, ``Synthetic``), one ``task`` per stage.
+
+- ``task: sft`` — whole dialogues with a loss mask on the recommender's tokens (:class:`SFTBatch`): one pass trains
+  on every recommender turn of a dialogue.
+- ``task: prompts`` — one prompt per recommender turn, the context before it, left-padded for ``generate``
+  (:class:`PromptBatch`); it carries the dialogue and turn index so a simulator can ground the episode.
+
+Tokenisation uses the policy's chat template (``crslight.data.tokenize``); it happens in ``setup``, once per split.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from crslight.data.corpus import Corpus, load_corpus
+from crslight.data.schema import RECOMMENDER
+from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
+
+IGNORE_INDEX = -100
+
+
+class SFTBatch(NamedTuple):
+    """Right-padded dialogues.
+
+    Attributes:
+        input_ids: ``(b, t)`` token ids.
+        attention_mask: ``(b, t)`` 1 on tokens, 0 on padding.
+        labels: ``(b, t)`` the token id where the recommender speaks, ``-100`` elsewhere (unshifted, as transformers'
+            causal LMs expect).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class PromptBatch(NamedTuple):
+    """Left-padded prompts for the recommender's next reply.
+
+    Attributes:
+        input_ids: ``(b, t)`` token ids, padding on the left.
+        attention_mask: ``(b, t)``.
+        dialogue_index: ``(b,)`` row of the dialogue in the split.
+        turn_index: ``(b,)`` index of the recommender turn the prompt precedes.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    dialogue_index: torch.Tensor
+    turn_index: torch.Tensor
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pads lists of ints into a ``(b, max_len)`` long tensor."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            if left:
+                out[i, width - len(s):] = torch.tensor(s)
+            else:
+                out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+class CRSDataModule(LightningDataModule):
+    """Shared DataModule logic; use the per-source subclasses in configs.
+
+    Args:
+        root: folder of the official download (``None`` for ``Synthetic``).
+        task: ``sft`` (dialogues with a recommender loss mask) or ``prompts`` (one prompt per recommender turn).
+        tokenizer: model name, folder or alias whose tokenizer and chat template are used (``smollm2``).
+        batch_size: samples per batch.
+        max_length: tokens kept per sample (dialogues are cut on the right, prompts lose their oldest turns).
+        system_prompt: the system message before every dialogue; empty for none.
+        num_workers: DataLoader workers.
+        skip_bad_rows: skip malformed source rows instead of raising (the count is logged).
+        max_samples: keep only the first N samples of each split (quick runs); ``None`` keeps all.
+        train_split: the split trained on.
+        eval_split: the split ``validate`` uses; ``test`` always uses ``test``.
+    """
+
+    source: str = ""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        task: Literal["sft", "prompts"] = "sft",
+        tokenizer: str = "smollm2",
+        batch_size: int = 8,
+        max_length: int = 512,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        num_workers: int = 0,
+        skip_bad_rows: bool = False,
+        max_samples: int | None = None,
+        train_split: str = "train",
+        eval_split: str = "valid",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root, self.task, self.tokenizer_name = root, task, tokenizer
+        self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
+        self.system_prompt = system_prompt or None
+        self.max_samples = max_samples
+        self.splits = {"fit": train_split, "validate": eval_split, "test": "test", "predict": "test"}
+        self._tokenizer = None
+        self._data: dict[str, object] = {}
+
+    # -- sources ------------------------------------------------------------------------------------------------
+    def corpus(self, split: str) -> Corpus:
+        """The split in the canonical schema (cached on disk; cheap to call again)."""
+        return load_corpus(self.source, self.root, split, skip_bad_rows=self.hparams.skip_bad_rows,
+                           **self.corpus_options())
+
+    def corpus_options(self) -> dict:
+        return {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from crslight.models.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        for split in {"train", "valid", "test"} & set(self.splits.values()):
+            self.corpus(split)
+
+    def setup(self, stage: str) -> None:
+        splits = [self.splits["fit"], self.splits["validate"]] if stage == "fit" else [self.splits[stage]]
+        for split in splits:
+            if split not in self._data:
+                self._data[split] = self.build(split)
+
+    def build(self, split: str):
+        dialogues = self.corpus(split).dialogues
+        if self.task == "sft":
+            rows = dialogues.select(range(min(self.max_samples, len(dialogues)))) if self.max_samples else dialogues
+            data = [self.encode_sft(turns) for turns in rows["turns"]]
+        elif self.task == "prompts":
+            data = [
+                (self.encode_prompt(turns[:t]), d, t)
+                for d, turns in enumerate(dialogues["turns"])
+                for t, tr in enumerate(turns)
+                if tr["role"] == RECOMMENDER and t > 0
+            ]
+        else:
+            raise ValueError(f"unknown task {self.task!r}: expected 'sft' or 'prompts'")
+        return data[: self.max_samples] if self.max_samples else data
+
+    def encode_sft(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+        enc = encode_dialogue(self.tokenizer, turns, self.system_prompt)
+        ids = enc.input_ids[: self.max_length]
+        labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
+        return ids, labels
+
+    def encode_prompt(self, turns: list[dict]) -> list[int]:
+        return encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_length)
+
+    # -- collation ----------------------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def collate(self, samples: list) -> SFTBatch | PromptBatch:
+        if self.task == "sft":
+            ids = pad([s[0] for s in samples], self.pad_id)
+            mask = pad([[1] * len(s[0]) for s in samples], 0)
+            return SFTBatch(ids, mask, pad([s[1] for s in samples], IGNORE_INDEX))
+        ids = pad([s[0] for s in samples], self.pad_id, left=True)
+        mask = pad([[1] * len(s[0]) for s in samples], 0, left=True)
+        return PromptBatch(ids, mask, torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples]))
+
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self._data:
+            self._data[split] = self.build(split)
+        return DataLoader(self._data[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers, drop_last=shuffle and self.task == "prompts")
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.splits["fit"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.splits["validate"], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.splits["test"], shuffle=False)
+
+
+class ReDial(CRSDataModule):
+    """ReDial (Li et al., NeurIPS 2018) from the official files in ``root`` (see ``crslight.data.redial``)."""
+
+    source = "redial"
+
+
+class OpenDialKG(CRSDataModule):
+    """OpenDialKG (Moon et al., ACL 2019) from the official ``data/`` folder in ``root``."""
+
+    source = "opendialkg"
+
+
+class Synthetic(CRSDataModule):
+    """The embedded synthetic scenario (``crslight.data.synthetic``); needs no download.
+
+    Args:
+        seed: the generator's seed.
+        n_dialogues: train dialogues (valid and test get a fifth each).
+        n_items: catalogue size.
+        **kwargs: see :class:`CRSDataModule`.
+    """
+
+    source = "synthetic"
+
+    def __init__(self, seed: int = 0, n_dialogues: int = 1000, n_items: int = 400, **kwargs):
+        super().__init__(**kwargs)
+        self.seed, self.n_dialogues, self.n_items = seed, n_dialogues, n_items
+
+    def corpus_options(self) -> dict:
+        return {"seed": self.seed, "n_dialogues": self.n_dialogues, "n_items": self.n_items}

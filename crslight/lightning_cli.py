@@ -1,0 +1,78 @@
+"""LightningCLI for every stage: ``crslight fit|validate|test|predict -c CONFIG [--x.y=v ...]``.
+
+Models and DataModules are chosen in YAML by class name (``model: {class_path: PPOModule, init_args: ...}``);
+plugins are imported first so that their classes resolve by short name too. ``test`` also writes
+``test_metrics.json`` (a flat ``{"test/recall@10": ...}``) into the run's log folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from jsonargparse import set_docstring_parse_options
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+
+log = logging.getLogger(__name__)
+
+
+def _import_parts() -> None:
+    """Imports everything a config may name by short class name: crslight's own classes, then the plugins."""
+    import crslight.data.datamodules  # noqa: F401
+
+    try:
+        import crslight.modules  # noqa: F401
+    except ImportError as e:  # a stage whose dependencies are missing must not break the others
+        log.warning("crslight.modules could not be imported: %s", e)
+    try:
+        from crslight.plugins import load_plugins
+    except ImportError:
+        return
+    load_plugins()
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The folder of this run's logs (the logger's version folder), else the trainer's root dir."""
+    folder = trainer.log_dir or trainer.default_root_dir
+    return Path(folder)
+
+
+def write_test_metrics(trainer: Trainer) -> Path:
+    """Writes the trainer's ``test/...`` metrics as flat JSON (``NaN`` as ``null``) into the run's log folder."""
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        if not key.startswith("test/"):
+            continue
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        metrics[key] = None if math.isnan(value) else value
+    out = run_dir(trainer) / "test_metrics.json"
+    if trainer.is_global_zero:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+        print(f"test metrics written to {out}")
+    return out
+
+
+class CRSLightningCLI(LightningCLI):
+    """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` written after ``test``)."""
+
+    def after_test(self) -> None:
+        write_test_metrics(self.trainer)
+
+
+def run_lightning_cli(argv: list[str] | None = None) -> CRSLightningCLI:
+    set_docstring_parse_options(attribute_docstrings=True)
+    _import_parts()
+    return CRSLightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,55 @@
+import json
+import math
+
+import pytest
+
+from crslight.data import DataError, load_corpus
+from crslight.data.errors import LoadReport
+from crslight.data.opendialkg import convert_row, split_of
+
+
+def test_row_conversion_rules():
+    actions = [
+        {"type": "chat", "sender": "user", "message": "Do you like The Namesake?"},
+        {"type": "action", "sender": "assistant", "action_id": "kgwalk/choose_path",
+         "metadata": {"path": [-1, [["The Namesake", "Next in series", "Unaccustomed Earth"],
+                                    ["Unaccustomed Earth", "written_by", "Jhumpa Lahiri"]], "..."]}},
+        {"type": "action", "sender": "user", "action_id": "meta_thread/send_meta_message",
+         "metadata": {"text": "you there?"}},
+        {"type": "chat", "sender": "assistant", "message": "Yes! Try Unaccustomed Earth."},
+        {"type": "chat", "sender": "assistant", "message": "It is lovely."},
+    ]
+    entities = {"The Namesake", "Unaccustomed Earth", "Jhumpa Lahiri"}
+    d = convert_row([json.dumps(actions), '{"dialog_rating": "4"}', "{}"], "x.csv", 7, entities, LoadReport())
+    assert [t["role"] for t in d["turns"]] == ["seeker", "recommender"]  # meta skipped, assistant merged
+    assert d["turns"][0]["items"] == ["The Namesake"]  # the walk's start, named by the seeker
+    assert d["turns"][1]["items"] == ["Unaccustomed Earth"]  # reached and named; Jhumpa Lahiri is not named
+    assert d["turns"][1]["text"] == "Yes! Try Unaccustomed Earth. It is lovely."
+    assert d["rating"] == 4.0 and d["dialogue_id"] == "odkg-7"
+    assert math.isnan(d["turns"][0]["time"])
+
+
+def test_all_real_dialogues_load_without_errors(opendialkg_root):
+    counts = {s: load_corpus("opendialkg", opendialkg_root, s).stats() for s in ("train", "valid", "test")}
+    assert sum(c["dialogues"] for c in counts.values()) == 3711
+    assert all(c["bad_rows"] == 0 for c in counts.values())
+    assert counts["test"]["rec_samples"] > 400 and counts["test"]["items"] > 100_000
+
+
+def test_split_is_a_hash_of_the_content():
+    assert split_of("abc") == split_of("abc")
+    buckets = [split_of(str(i)) for i in range(2000)]
+    assert 0.05 < buckets.count("test") / 2000 < 0.15
+
+
+def test_bad_json_names_row_and_field(opendialkg_root, tmp_path):
+    root = tmp_path / "o"
+    root.mkdir()
+    for name in ("opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"):
+        (root / name).symlink_to(opendialkg_root / name)
+    (root / "opendialkg.csv").write_text(
+        'Messages,User Rating,Assistant Rating\n"[]",{},{}\n"[{""type"": ""chat""",{},{}\n'
+    )
+    with pytest.raises(DataError, match=r"opendialkg\.csv, line 2, field 'Messages': not valid JSON"):
+        load_corpus("opendialkg", root, "train")
+    assert load_corpus("opendialkg", root, "train", skip_bad_rows=True).report.bad_rows == 1

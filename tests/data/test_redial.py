@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from crslight.data import DataError, load_corpus
+from crslight.data.errors import LoadReport
+from crslight.data.redial import convert_dialogue, is_valid
+
+
+def record(**overrides):
+    raw = {
+        "conversationId": "1",
+        "initiatorWorkerId": 10,
+        "respondentWorkerId": 20,
+        "movieMentions": {"111": "Heat  (1995)", "222": "Up (2009)"},
+        "messages": [
+            {"messageId": 1, "text": "hi, I loved @111", "senderWorkerId": 10, "timeOffset": 0},
+            {"messageId": 2, "text": "and thrillers", "senderWorkerId": 10, "timeOffset": 5},
+            {"messageId": 3, "text": "try @222 or @999", "senderWorkerId": 20, "timeOffset": 30},
+            {"messageId": 4, "text": "thanks!", "senderWorkerId": 10, "timeOffset": 70},
+        ],
+        "initiatorQuestions": [],
+        "respondentQuestions": {"222": {"suggested": 1, "seen": 0, "liked": 1}},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def test_mentions_replaced_and_turns_merged():
+    report = LoadReport()
+    d = convert_dialogue(record(), {"111": "Heat (1995)", "222": "Up (2009)"}, "f.jsonl", 1, report)
+    roles = [t["role"] for t in d["turns"]]
+    assert roles == ["seeker", "recommender", "seeker"]
+    first = d["turns"][0]
+    assert first["text"] == "hi, I loved Heat (1995) and thrillers"  # title from movieMentions, spaces normalised
+    assert first["items"] == ["111"]
+    assert (first["time"], first["end_time"]) == (0.0, 5.0)
+    # @999 is in neither the dialogue nor the catalogue: kept as written, not an item, counted
+    assert d["turns"][1]["text"] == "try Up (2009) or @999"
+    assert d["turns"][1]["items"] == ["222"]
+    assert report.unknown_items == 1
+    # initiatorQuestions is [], so the recommender's answers are used
+    assert d["labels"] == [{"item": "222", "suggested": 1, "seen": 0, "liked": 1}]
+
+
+def test_real_test_split(redial_root):
+    corpus = load_corpus("redial", redial_root, "test")
+    stats = corpus.stats()
+    assert stats["dialogues"] == 1342
+    assert stats["items"] == 6924
+    assert stats["unknown_items"] == 0 and stats["bad_rows"] == 0
+    # the CRSLab/UniCRS protocol's sample count for ReDial test is close to 4,900
+    assert 4800 < stats["rec_samples"] < 5000
+    assert all("@" not in t["text"] or not t["items"] for ts in corpus.dialogues["turns"][:50] for t in ts)
+    sample = corpus.rec_samples[0]
+    assert corpus.dialogues[sample.dialogue]["turns"][sample.turn]["role"] == "recommender"
+
+
+def test_valid_split_is_deterministic_and_disjoint(redial_root):
+    train = load_corpus("redial", redial_root, "train")
+    valid = load_corpus("redial", redial_root, "valid")
+    assert set(train.dialogues["dialogue_id"]).isdisjoint(valid.dialogues["dialogue_id"])
+    assert all(is_valid(i) for i in valid.dialogues["dialogue_id"])
+    assert len(train.dialogues) + len(valid.dialogues) == 3006
+    again = load_corpus("redial", redial_root, "valid", cache=False)
+    assert again.dialogues["dialogue_id"] == valid.dialogues["dialogue_id"]
+
+
+def copy_layout(src, dst, edit_line=None, line_no=2):
+    dst.mkdir()
+    for name in ("test_data.jsonl", "movies_with_mentions.csv"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    lines = (src / "train_data.jsonl").read_text().splitlines()[:5]
+    if edit_line is not None:
+        lines[line_no - 1] = edit_line(lines[line_no - 1])
+    (dst / "train_data.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_truncated_line_names_file_and_line(redial_root, tmp_path):
+    root = copy_layout(redial_root, tmp_path / "r", edit_line=lambda s: s[: len(s) // 2])
+    with pytest.raises(DataError, match=r"train_data\.jsonl, line 2: not valid JSON"):
+        load_corpus("redial", root, "train")
+    # nothing was half-written to the cache: the same folder fails again the same way
+    with pytest.raises(DataError):
+        load_corpus("redial", root, "train")
+    # the documented option skips the line and reports it
+    corpus = load_corpus("redial", root, "train", skip_bad_rows=True)
+    assert corpus.report.bad_rows == 1
+    assert len(corpus.dialogues) + len(load_corpus("redial", root, "valid", skip_bad_rows=True).dialogues) == 4
+
+
+def test_wrong_type_names_the_field(redial_root, tmp_path):
+    def bad(line):
+        raw = json.loads(line)
+        raw["messages"][1]["timeOffset"] = "soon"
+        return json.dumps(raw)
+
+    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad, line_no=3)
+    with pytest.raises(DataError, match=r"line 3, field 'messages\[1\]\.timeOffset': expected a number"):
+        load_corpus("redial", root, "train")
+
+
+def test_bad_questionnaire_value(redial_root, tmp_path):
+    def bad(line):
+        raw = json.loads(line)
+        raw["initiatorQuestions"] = {"1": {"suggested": 1, "seen": 7, "liked": 1}}
+        return json.dumps(raw)
+
+    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad, line_no=1)
+    with pytest.raises(DataError, match=r"line 1, field 'initiatorQuestions\.1\.seen': expected 0, 1 or 2"):
+        load_corpus("redial", root, "train")
+
+
+def test_missing_file_lists_expected(redial_root, tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "test_data.jsonl").write_text("")
+    with pytest.raises(DataError, match="missing train_data.jsonl, movies_with_mentions.csv.*official layout"):
+        load_corpus("redial", root, "test")

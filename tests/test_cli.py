@@ -1,0 +1,18 @@
+import json
+
+from crslight.cli import main
+
+
+def test_data_stats_prints_one_json_object(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    assert main(["data", "stats", "--dataset", "synthetic", "--split", "test", "--n-dialogues", "30"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["dialogues"] == 6
+    assert {"turns", "rec_samples", "items", "items_mentioned"} <= stats.keys()
+
+
+def test_data_stats_on_a_folder_without_the_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "stats", "--dataset", "redial", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing train_data.jsonl, test_data.jsonl, movies_with_mentions.csv" in err
