@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from crslight.data.schema import RECOMMENDER
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a friendly movie recommender. Ask about the user's tastes and mood, "
-    "and recommend movies by their full title and year."
+    "You are a friendly recommender. Ask about the user's tastes and mood, and recommend items by their full title."
 )
 
 

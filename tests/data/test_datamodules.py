@@ -1,0 +1,67 @@
+import torch
+
+from crslight.data.datamodules import IGNORE_INDEX, PromptBatch, SFTBatch, Synthetic, pad
+from crslight.data.tokenize import encode_dialogue, encode_prompt
+
+
+def datamodule(tokenizer, **kwargs):
+    dm = Synthetic(n_dialogues=20, n_items=50, batch_size=4, **kwargs)
+    dm._tokenizer = tokenizer
+    return dm
+
+
+def test_sft_batches_learn_only_recommender_tokens(tiny_tokenizer):
+    dm = datamodule(tiny_tokenizer, task="sft", max_length=256)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, SFTBatch)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    # padding is never learned, and everything learned is a real token equal to the input
+    assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
+    learned = batch.labels != IGNORE_INDEX
+    assert learned.any() and (batch.labels[learned] == batch.input_ids[learned]).all()
+    # the learned text of each row is exactly one dialogue's recommender turns, each closed by the end-of-turn token
+    decoded = [tiny_tokenizer.decode(batch.input_ids[i][learned[i]]) for i in range(len(batch.input_ids))]
+    expected = [
+        "".join(t["text"] + "<|im_end|>\n" for t in turns if t["role"] == "recommender")
+        for turns in dm.corpus("train").dialogues["turns"]
+    ]
+    assert all(text in expected for text in decoded)
+
+
+def test_prompt_equals_the_training_prefix(tiny_tokenizer):
+    turns = [
+        {"role": "seeker", "text": "I want a comedy", "items": []},
+        {"role": "recommender", "text": "Try Up (2009)", "items": ["1"]},
+        {"role": "seeker", "text": "Seen it", "items": []},
+        {"role": "recommender", "text": "Then Heat (1995)", "items": ["2"]},
+    ]
+    enc = encode_dialogue(tiny_tokenizer, turns)
+    for t in (1, 3):
+        assert encode_prompt(tiny_tokenizer, turns[:t]) == enc.input_ids[: enc.turn_starts[t]]
+    assert tiny_tokenizer.decode(enc.input_ids[enc.turn_starts[3]: enc.turn_ends[3]]).startswith("Then Heat (1995)")
+
+
+def test_prompt_truncation_keeps_system_and_latest_turns(tiny_tokenizer):
+    turns = [{"role": "seeker" if i % 2 == 0 else "recommender", "text": f"turn number {i} " * 5} for i in range(20)]
+    ids = encode_prompt(tiny_tokenizer, turns, max_length=120)
+    text = tiny_tokenizer.decode(ids)
+    assert len(ids) <= 120 and "turn number 19" in text and "turn number 0 " not in text
+    assert text.startswith("<|im_start|>system")
+
+
+def test_prompt_batches_are_left_padded(tiny_tokenizer):
+    dm = datamodule(tiny_tokenizer, task="prompts")
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert isinstance(batch, PromptBatch)
+    assert (batch.attention_mask[:, -1] == 1).all()  # every prompt ends at the right edge
+    d, t = int(batch.dialogue_index[0]), int(batch.turn_index[0])
+    assert dm.corpus("valid").dialogues[d]["turns"][t]["role"] == "recommender"
+    assert tiny_tokenizer.decode(batch.input_ids[0][batch.attention_mask[0] == 1]).endswith("<|im_start|>assistant\n")
+
+
+def test_pad():
+    assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
+    assert pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]
+    assert pad([[5]], 9).dtype == torch.long
