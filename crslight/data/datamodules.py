@@ -5,6 +5,9 @@
 - ``task: prompts`` — one prompt per recommender turn, the context before it, left-padded for ``generate``
   (:class:`PromptBatch`); it carries the dialogue and turn index so a simulator can ground the episode.
 
+The test split is always read as whole dialogues (:class:`SFTBatch` with its recommendation samples), whatever the
+task, so evaluation encodes each dialogue once and reads every recommender turn from that one pass.
+
 Tokenisation uses the policy's chat template (``crslight.data.tokenize``); it happens in ``setup``, once per split.
 """
 
@@ -17,25 +20,35 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from crslight.data.corpus import Corpus, load_corpus
-from crslight.data.schema import RECOMMENDER
+from crslight.data.schema import RECOMMENDER, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 
 IGNORE_INDEX = -100
 
 
 class SFTBatch(NamedTuple):
-    """Right-padded dialogues.
+    """Right-padded dialogues, with the recommendation samples they hold (CRSLab / UniCRS protocol).
 
     Attributes:
         input_ids: ``(b, t)`` token ids.
         attention_mask: ``(b, t)`` 1 on tokens, 0 on padding.
         labels: ``(b, t)`` the token id where the recommender speaks, ``-100`` elsewhere (unshifted, as transformers'
             causal LMs expect).
+        rec_row: ``(n,)`` the batch row of each recommendation sample.
+        rec_position: ``(n,)`` the position whose hidden state predicts the recommender turn (the last token of its
+            role header, so the context is everything before the reply).
+        rec_target: ``(n,)`` the catalogue row of the item the turn mentions.
+        rec_previous: ``(n, m)`` catalogue rows of items mentioned earlier in the dialogue, ``-1``-padded (for the
+            protocol variant that excludes them).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    rec_row: torch.Tensor | None = None
+    rec_position: torch.Tensor | None = None
+    rec_target: torch.Tensor | None = None
+    rec_previous: torch.Tensor | None = None
 
 
 class PromptBatch(NamedTuple):
@@ -52,6 +65,18 @@ class PromptBatch(NamedTuple):
     attention_mask: torch.Tensor
     dialogue_index: torch.Tensor
     turn_index: torch.Tensor
+
+
+class DialogueSample(NamedTuple):
+    ids: list[int]
+    labels: list[int]
+    recs: list[tuple[int, int, list[int]]]  # (position, target, previous) per recommendation sample
+
+
+class PromptSample(NamedTuple):
+    ids: list[int]
+    dialogue: int
+    turn: int
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -101,6 +126,8 @@ class CRSDataModule(LightningDataModule):
         eval_split: str = "valid",
     ):
         super().__init__()
+        if task not in ("sft", "prompts"):
+            raise ValueError(f"unknown task {task!r}: expected 'sft' or 'prompts'")
         self.save_hyperparameters()
         self.root, self.task, self.tokenizer_name = root, task, tokenizer
         self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
@@ -139,26 +166,30 @@ class CRSDataModule(LightningDataModule):
                 self._data[split] = self.build(split)
 
     def build(self, split: str):
-        dialogues = self.corpus(split).dialogues
-        if self.task == "sft":
+        corpus = self.corpus(split)
+        dialogues = corpus.dialogues
+        if self.task == "sft" or split == self.splits["test"]:  # evaluation always reads whole dialogues
             rows = dialogues.select(range(min(self.max_samples, len(dialogues)))) if self.max_samples else dialogues
-            data = [self.encode_sft(turns) for turns in rows["turns"]]
-        elif self.task == "prompts":
-            data = [
-                (self.encode_prompt(turns[:t]), d, t)
-                for d, turns in enumerate(dialogues["turns"])
-                for t, tr in enumerate(turns)
-                if tr["role"] == RECOMMENDER and t > 0
-            ]
-        else:
-            raise ValueError(f"unknown task {self.task!r}: expected 'sft' or 'prompts'")
+            return [self.encode_sft(turns, corpus.item_index) for turns in rows["turns"]]
+        data = [
+            PromptSample(self.encode_prompt(turns[:t]), d, t)
+            for d, turns in enumerate(dialogues["turns"])
+            for t, tr in enumerate(turns)
+            if tr["role"] == RECOMMENDER and t > 0
+        ]
         return data[: self.max_samples] if self.max_samples else data
 
-    def encode_sft(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+    def encode_sft(self, turns: list[dict], item_index: dict[str, int]) -> DialogueSample:
+        """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``."""
         enc = encode_dialogue(self.tokenizer, turns, self.system_prompt)
         ids = enc.input_ids[: self.max_length]
         labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
-        return ids, labels
+        recs = [
+            (enc.turn_starts[s.turn] - 1, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index])
+            for s in rec_samples_of(0, turns)
+            if s.item in item_index and enc.turn_starts[s.turn] <= len(ids)
+        ]
+        return DialogueSample(ids, labels, recs)
 
     def encode_prompt(self, turns: list[dict]) -> list[int]:
         return encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_length)
@@ -170,10 +201,19 @@ class CRSDataModule(LightningDataModule):
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def collate(self, samples: list) -> SFTBatch | PromptBatch:
-        if self.task == "sft":
+        if isinstance(samples[0], DialogueSample):
             ids = pad([s[0] for s in samples], self.pad_id)
             mask = pad([[1] * len(s[0]) for s in samples], 0)
-            return SFTBatch(ids, mask, pad([s[1] for s in samples], IGNORE_INDEX))
+            recs = [(row, *rec) for row, s in enumerate(samples) for rec in s.recs]
+            if not recs:
+                return SFTBatch(ids, mask, pad([s[1] for s in samples], IGNORE_INDEX))
+            return SFTBatch(
+                ids, mask, pad([s[1] for s in samples], IGNORE_INDEX),
+                rec_row=torch.tensor([r[0] for r in recs]),
+                rec_position=torch.tensor([r[1] for r in recs]),
+                rec_target=torch.tensor([r[2] for r in recs]),
+                rec_previous=pad([r[3] or [-1] for r in recs], -1),
+            )
         ids = pad([s[0] for s in samples], self.pad_id, left=True)
         mask = pad([[1] * len(s[0]) for s in samples], 0, left=True)
         return PromptBatch(ids, mask, torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples]))

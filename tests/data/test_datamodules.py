@@ -65,3 +65,28 @@ def test_pad():
     assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]
     assert pad([[5]], 9).dtype == torch.long
+
+
+def test_recommendation_samples_point_at_their_turns(tiny_tokenizer):
+    dm = datamodule(tiny_tokenizer, task="prompts", max_length=1024)
+    dm.setup("test")  # the test split is read as whole dialogues whatever the task
+    batch = next(iter(dm.test_dataloader()))
+    assert isinstance(batch, SFTBatch) and batch.rec_row is not None
+    corpus = dm.corpus("test")
+    expected = [s for s in corpus.rec_samples if s.dialogue < len(batch.input_ids)]
+    assert len(batch.rec_target) == len(expected)
+    for n, sample in enumerate(expected):
+        assert int(batch.rec_row[n]) == sample.dialogue
+        assert corpus.catalogue[int(batch.rec_target[n])]["item_id"] == sample.item
+        # the position is the end of the recommender's role header: the reply starts right after it
+        after = tiny_tokenizer.decode(batch.input_ids[sample.dialogue, int(batch.rec_position[n]) + 1:])
+        reply = corpus.dialogues[sample.dialogue]["turns"][sample.turn]["text"]
+        assert after.startswith(reply)
+        assert tiny_tokenizer.decode(batch.input_ids[sample.dialogue, int(batch.rec_position[n])]) == "\n"
+
+
+def test_unknown_task_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown task 'rl'"):
+        Synthetic(task="rl")
