@@ -1,0 +1,101 @@
+"""LoRA through peft, and the adapters-off view of a model that serves as PPO's reference policy.
+
+With LoRA the frozen base weights *are* the reference policy pi_ref: switching the adapters off for
+one forward pass gives its logits without a second copy of the model in memory (TRL does the same
+with ``peft_model.disable_adapter()``). :func:`disabled_adapters` does this for a peft model or for
+any module that contains one (a LightningModule holding the policy and a value head, say), and puts
+every adapter flag and ``requires_grad`` flag back exactly as it found them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers import PreTrainedModel
+
+_ADAPTER_LAYERS = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: list[str] | str | None = "all-linear",
+) -> PeftModel:
+    """Wraps ``model`` with fresh LoRA adapters; only the adapters are trainable afterwards.
+
+    The base weights are frozen and shared, so :func:`disabled_adapters` gives the reference policy.
+    New adapters start as an identity (LoRA's B matrix is zero), so right after this call the
+    model's outputs equal the base model's.
+
+    Args:
+        model: A transformers model. Causal LMs become ``PeftModelForCausalLM`` (``generate`` works),
+            anything else a feature-extraction peft model.
+        r: Rank of the update matrices.
+        alpha: Scaling numerator; the update is multiplied by ``alpha / r``.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, ``"all-linear"`` (every linear layer except the output
+            head), or ``None`` for peft's default for the architecture (``q_proj``/``v_proj`` on Llama).
+
+    Returns:
+        The peft model wrapping ``model`` (which is modified in place).
+    """
+    is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=TaskType.CAUSAL_LM if is_causal_lm else TaskType.FEATURE_EXTRACTION,
+    )
+    return get_peft_model(model, config)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` contains any peft adapter layer."""
+    return any(isinstance(module, _ADAPTER_LAYERS) for module in model.modules())
+
+
+@contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Runs the enclosed block with every LoRA adapter in ``model`` switched off.
+
+    Inside the block ``model`` computes the base model's outputs (the PPO reference policy); on exit,
+    even after an exception, each adapter is enabled or disabled as it was before and every
+    parameter's ``requires_grad`` is restored (peft's own toggle would re-enable gradients on
+    adapters that had been frozen). Train/eval mode is not touched.
+
+    Example:
+        >>> with torch.no_grad(), disabled_adapters(policy):
+        ...     ref_logits = policy(input_ids, attention_mask=attention_mask).logits
+
+    Args:
+        model: A peft model, or any module that contains adapter layers.
+
+    Yields:
+        ``model`` itself.
+
+    Raises:
+        ValueError: If ``model`` has no adapters: it would silently be its own reference, so keep a
+            frozen copy for the reference instead.
+    """
+    layers = [module for module in model.modules() if isinstance(module, _ADAPTER_LAYERS)]
+    if not layers:
+        raise ValueError("model has no LoRA adapters; without LoRA the reference policy must be a separate copy")
+    was_disabled = [layer.disable_adapters for layer in layers]
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer.enable_adapters(not disabled)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)

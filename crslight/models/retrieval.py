@@ -1,0 +1,107 @@
+"""Ranking the whole catalogue from the policy itself.
+
+The CRSLab / UniCRS protocol ranks every catalogue item at each recommender turn. Scoring each title by its full
+log-likelihood under the policy costs one forward pass over all titles per sample: on ReDial test that is 4,897
+samples × 6,924 titles × ~6 tokens ≈ 2·10⁸ tokens, about 55 hours at the ~1,000 tokens/s SmolLM2 reaches on this
+machine's CPU. Even with the context's KV cache reused it is the title tokens that cost, so exact log-likelihood
+ranking is out of reach here; it stays the right choice for a short candidate list.
+
+What crslight does instead reads the policy's own next-token geometry. The hidden state ``h`` at the end of the
+recommender's role header (the state that produces the reply's first token) is scored against each item's
+*title embedding* ``ē_i``: the mean of the LM head's output-embedding rows over the title's tokens (year dropped)::
+
+    score_i = <W · h, ē_i> + b_i
+
+With ``W`` = identity and ``b`` = 0 this is exactly the mean next-token logit the policy gives the title's tokens —
+a zero-shot ranking from the base model. SFT trains ``W`` (hidden × hidden) and the per-item bias ``b`` with a
+cross-entropy over the catalogue, beside the language-model loss; PPO changes ``h`` (and, with full fine-tuning, the
+embeddings) and so changes the ranking. Items never mentioned in training still get a score from their title. The
+title table follows the live LM-head weights (an ``embedding_bag`` per call, no copy).
+
+Cost: one forward pass per dialogue (every recommender turn read from it) plus one ``(n, h) × (h, n_items)`` matmul.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (its ``last_hidden_state`` is what the LM head reads); PEFT-aware."""
+    if hasattr(model, "get_base_model"):  # a peft PeftModel
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix)
+
+
+def title_token_ids(tokenizer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened token ids of each title (leading space, year dropped) and their offsets, for ``embedding_bag``."""
+    texts = [" " + (_YEAR.sub("", name).strip() or name) for name in names]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoded = [ids or [tokenizer.eos_token_id] for ids in encoded]
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return torch.tensor([i for ids in encoded for i in ids]), offsets
+
+
+class ItemHead(nn.Module):
+    """Scores every catalogue item from a hidden state of the policy (see the module docstring).
+
+    Args:
+        hidden_size: the policy's hidden size.
+        title_ids: flattened title token ids (:func:`title_token_ids`).
+        title_offsets: start of each title in ``title_ids``; its length is the catalogue size.
+    """
+
+    def __init__(self, hidden_size: int, title_ids: torch.Tensor, title_offsets: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.eye_(self.proj.weight)
+        self.bias = nn.Parameter(torch.zeros(len(title_offsets)))
+        self.register_buffer("title_ids", title_ids, persistent=False)
+        self.register_buffer("title_offsets", title_offsets, persistent=False)
+
+    @classmethod
+    def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str]) -> ItemHead:
+        return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names))
+
+    def item_table(self, output_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(n_items, h)``: each title's mean output-embedding row."""
+        return F.embedding_bag(self.title_ids, output_embeddings, self.title_offsets, mode="mean")
+
+    def forward(self, hidden: torch.Tensor, output_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(n, h)`` hidden states → ``(n, n_items)`` scores."""
+        table = self.item_table(output_embeddings).to(hidden.dtype)
+        return self.proj(hidden) @ table.T + self.bias.to(hidden.dtype)
+
+
+def turn_hidden_states(
+    policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """One pass over whole dialogues; the last hidden state at each ``(row, position)``: ``(n, h)``."""
+    hidden = decoder_of(policy)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[rows, positions]
+
+
+def rank_scores(policy: nn.Module, head: ItemHead, batch) -> torch.Tensor:
+    """Catalogue scores ``(n, n_items)`` for every recommendation sample of an ``SFTBatch``."""
+    hidden = turn_hidden_states(policy, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
+    return head(hidden, policy.get_output_embeddings().weight)
+
+
+def previous_mask(previous: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``(n, m)`` ``-1``-padded item rows → ``(n, n_items)`` bool, True where the item was mentioned earlier."""
+    mask = torch.zeros(previous.shape[0], n_items + 1, dtype=torch.bool, device=previous.device)
+    mask.scatter_(1, previous.clamp(min=-1) % (n_items + 1), True)  # -1 lands in the spare last column
+    return mask[:, :n_items]
+
+
+def retrieval_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the target item over the whole catalogue."""
+    return F.cross_entropy(scores.float(), target)
