@@ -221,7 +221,10 @@ class CRSDataModule(LightningDataModule):
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._data:
             self._data[split] = self.build(split)
-        return DataLoader(self._data[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+        data = self._data[split]
+        # evaluation batches dialogues of similar length together: far less padding, same metrics
+        order = None if shuffle else sorted(range(len(data)), key=lambda i: len(data[i].ids))
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, sampler=order, collate_fn=self.collate,
                           num_workers=self.num_workers, drop_last=shuffle and self.task == "prompts")
 
     def train_dataloader(self) -> DataLoader:

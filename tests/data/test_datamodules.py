@@ -70,7 +70,7 @@ def test_pad():
 def test_recommendation_samples_point_at_their_turns(tiny_tokenizer):
     dm = datamodule(tiny_tokenizer, task="prompts", max_length=1024)
     dm.setup("test")  # the test split is read as whole dialogues whatever the task
-    batch = next(iter(dm.test_dataloader()))
+    batch = dm.collate(dm._data["test"][:4])
     assert isinstance(batch, SFTBatch) and batch.rec_row is not None
     corpus = dm.corpus("test")
     expected = [s for s in corpus.rec_samples if s.dialogue < len(batch.input_ids)]
@@ -83,6 +83,14 @@ def test_recommendation_samples_point_at_their_turns(tiny_tokenizer):
         reply = corpus.dialogues[sample.dialogue]["turns"][sample.turn]["text"]
         assert after.startswith(reply)
         assert tiny_tokenizer.decode(batch.input_ids[sample.dialogue, int(batch.rec_position[n])]) == "\n"
+
+
+def test_evaluation_batches_group_similar_lengths(tiny_tokenizer):
+    dm = datamodule(tiny_tokenizer, task="sft")
+    dm.setup("test")
+    widths = [batch.input_ids.shape[1] for batch in dm.test_dataloader()]
+    assert widths == sorted(widths)
+    assert sum(len(b.rec_target) for b in dm.test_dataloader()) == len(dm.corpus("test").rec_samples)
 
 
 def test_unknown_task_is_refused():
