@@ -2,7 +2,7 @@
 
 ``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
 ``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
-tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``.
+tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``.
 
 Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
 """
@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-TOOLS = ("data", "plugins", "simulate", "chat", "export")
+TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot")
 
 
 def _json_default(value):
@@ -54,10 +54,16 @@ def _tool_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
     chat.add_argument("--root", default=None, help="catalogue source for linking titles to ids")
     chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 decodes greedily")
+    chat.add_argument("--seed", type=int, default=None, help="seed each reply's sampling")
 
     export = sub.add_parser("export", help="write a checkpoint's policy as a transformers folder")
     export.add_argument("--ckpt", required=True)
     export.add_argument("--out", required=True)
+
+    from crslight.plots import configure_parser as configure_plot  # light: matplotlib is imported when drawing
+
+    configure_plot(sub.add_parser("plot", help="draw training curves (CSVLogger runs) and results bar charts as PNGs"))
     return parser
 
 
@@ -88,12 +94,17 @@ def run_tool(argv: list[str]) -> int:
     if args.command == "chat":
         from crslight.chat import chat
 
-        return chat(args.policy, dataset=args.dataset, root=args.root, max_new_tokens=args.max_new_tokens)
+        return chat(args.policy, dataset=args.dataset, root=args.root, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed)
     if args.command == "export":
         from crslight.export import export
 
         print(export(Path(args.ckpt), Path(args.out)))
         return 0
+    if args.command == "plot":
+        from crslight.plots import run as run_plot
+
+        return run_plot(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,101 @@
+"""``crslight simulate``: run a policy against the simulated users of a dataset split and summarise the episodes.
+
+The defaults pick the simulator that fits each source: a :class:`GroundedSimulator` for ReDial (dwell model refitted
+from the train split of ``root``, once per process) and for OpenDialKG (neutral style, the ReDial dwell model, since
+OpenDialKG has no timestamps), and a :class:`PersonaSimulator` for the synthetic scenario. The policy is a name
+(:data:`POLICIES`) or anything :func:`crslight.models.loading.load_causal_lm` loads (``smollm2``, a model
+folder, a ``.gguf`` file), run as an :class:`LMPolicy`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crslight.simulator.base import UserSimulator
+from crslight.simulator.dwell import REDIAL_DWELL, redial_dwell
+from crslight.simulator.env import ConversationEnv, Policy, summarise
+from crslight.simulator.grounded import GroundedSimulator
+from crslight.simulator.linker import ItemLinker
+from crslight.simulator.persona import PersonaSimulator
+from crslight.simulator.policies import LMPolicy, PopularityPolicy, RandomPolicy, interaction_counts
+
+#: Built-in policy names: ``random`` (uniform over unmentioned items), ``popularity`` (most accepted in the train
+#: split, :func:`~crslight.simulator.policies.interaction_counts`), ``popularity-catalogue`` (the catalogue's
+#: ``popularity`` column).
+POLICIES = ("random", "popularity", "popularity-catalogue")
+NOUNS = {"redial": "movie", "synthetic": "movie", "opendialkg": "one"}
+
+
+_LINKERS: dict[tuple[str, str], ItemLinker] = {}
+
+
+def linker_for(corpus) -> ItemLinker:
+    """The item linker of a corpus's catalogue, built once per process (OpenDialKG's takes seconds)."""
+    key = (corpus.name, getattr(corpus.catalogue, "_fingerprint", str(id(corpus.catalogue))))
+    if key not in _LINKERS:
+        _LINKERS[key] = ItemLinker.from_catalogue(corpus.catalogue)
+    return _LINKERS[key]
+
+
+def default_simulator(corpus, root: str | None = None) -> UserSimulator:
+    """The built-in simulator for a corpus (module docstring)."""
+    if corpus.name == "synthetic":
+        return PersonaSimulator(corpus.catalogue)
+    if corpus.name == "redial":
+        return GroundedSimulator(corpus.catalogue, dwell=redial_dwell(root) if root else REDIAL_DWELL)
+    return GroundedSimulator(corpus.catalogue, dwell=REDIAL_DWELL, style="opendialkg", noun="one")
+
+
+def make_policy(name: str, corpus, seed: int = 0, root: str | None = None) -> Policy:
+    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy`."""
+    noun = NOUNS.get(corpus.name, "movie")
+    if name == "random":
+        return RandomPolicy(corpus.catalogue, seed=seed, noun=noun)
+    if name == "popularity":
+        from crslight.data import load_corpus
+
+        train = corpus if corpus.split == "train" else load_corpus(corpus.name, root, "train")
+        return PopularityPolicy(corpus.catalogue, interaction_counts(train.dialogues), noun=noun)
+    if name == "popularity-catalogue":
+        return PopularityPolicy(corpus.catalogue, noun=noun)
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith(".")) and not path.exists():
+        raise ValueError(f"unknown policy {name!r}: not one of {', '.join(POLICIES)}, and no such model folder")
+    return LMPolicy.from_pretrained(name, seed=seed)
+
+
+def simulate(
+    dataset: str,
+    root: str | None,
+    policy: str,
+    episodes: int,
+    max_turns: int,
+    seed: int,
+    split: str,
+    batch_size: int = 32,
+) -> dict:
+    """Runs ``episodes`` episodes of ``policy`` against the dataset's simulated users.
+
+    Args:
+        dataset: ``redial``, ``opendialkg`` or ``synthetic``.
+        root: the dataset's folder (None for ``synthetic``).
+        policy: ``random``, ``popularity``, ``popularity-catalogue``, ``smollm2`` or a transformers model folder.
+        episodes: number of episodes.
+        max_turns: policy replies per episode at most.
+        seed: seeds episode sampling, the simulator and the random policy.
+        split: ``train``, ``valid`` or ``test``.
+        batch_size: episodes run in lock-step (policy batch size).
+
+    Returns:
+        ``{"dataset", "split", "policy", "seed", "max_turns", "episodes", "acceptance_rate", "mean_satisfaction",
+        "mean_turns", "endings": {"accept", "leave", "turn_limit"}, "mean_dwell_time", "mean_sentiment"}``.
+    """
+    from crslight.data import load_corpus
+
+    corpus = load_corpus(dataset, root, split)
+    simulator = default_simulator(corpus, root)
+    env = ConversationEnv.from_corpus(
+        corpus, simulator, linker=linker_for(corpus), max_turns=max_turns, seed=seed
+    )
+    result = summarise(env.rollout(make_policy(policy, corpus, seed, root), episodes, batch_size=batch_size))
+    return {"dataset": dataset, "split": split, "policy": policy, "seed": seed, "max_turns": max_turns, **result}

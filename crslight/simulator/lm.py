@@ -1,0 +1,175 @@
+"""Chat generation with any transformers causal LM, and the LM-backed user simulator.
+
+:func:`generate_chat` is shared by :class:`~crslight.simulator.policies.LMPolicy` (the model plays the recommender)
+and :class:`LMSimulator` (the model plays the seeker). It is plain transformers: the tokenizer's chat template,
+left padding so that every prompt ends where generation starts, one batched ``generate`` with the KV cache, and
+stopping at the end of the assistant's turn (the EOS token plus the end-of-turn tokens of the common templates:
+``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``). A context longer than ``max_context_tokens`` loses
+its oldest turns, never the system prompt.
+
+:class:`LMSimulator` keeps the decisions rule-based: acceptance, signals, dwell and leaving come from a rule simulator
+(by default :class:`~crslight.simulator.grounded.GroundedSimulator`), and the model only rewrites the rule-based answer
+into free-form words, told what the user decided. A language model judging acceptance would make the reward depend
+on the simulator model's whims; keeping the decision in the rules keeps episodes comparable across simulator models.
+Greedy decoding is the default, so episodes stay reproducible; sampling is seeded from the episodes' generators.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from crslight.data.schema import RECOMMENDER, SEEKER
+from crslight.simulator.base import Reaction, UserSimulator, UserState
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def to_chat(context: list[dict], system_prompt: str | None = None, assistant: str = RECOMMENDER) -> list[dict]:
+    """Schema turns → chat messages: the ``assistant`` role's turns become ``assistant``, the other side ``user``;
+    consecutive messages of one side are merged; empty turns are dropped."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for turn in context:
+        role = "assistant" if turn["role"] == assistant else "user"
+        text = turn["text"].strip()
+        if not text:
+            continue
+        if len(messages) > bool(system_prompt) and messages[-1]["role"] == role:
+            messages[-1]["content"] += " " + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the end-of-turn tokens the tokenizer knows."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    return list(dict.fromkeys(ids))
+
+
+def _prompt(tokenizer, messages: list[dict], max_context_tokens: int) -> str:
+    """The templated prompt, dropping the oldest non-system messages until it fits."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head) :]
+    while True:
+        prompt = tokenizer.apply_chat_template(head + body, tokenize=False, add_generation_prompt=True)
+        if len(body) <= 1 or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= max_context_tokens:
+            return prompt
+        body = body[1:]
+
+
+@torch.no_grad()
+def generate_chat(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 64,
+    do_sample: bool = True,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    max_context_tokens: int = 768,
+    seed: int | None = None,
+) -> list[str]:
+    """The model's next assistant message for each conversation (chat messages), batched.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer; must have a chat template and a pad token.
+        conversations: one list of ``{"role", "content"}`` messages per prompt.
+        max_new_tokens: longest reply, in tokens.
+        do_sample: sample (True) or decode greedily (False).
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass (1.0 turns it off).
+        top_k: top-k sampling (0 turns it off).
+        max_context_tokens: longest prompt; older turns are dropped to fit.
+        seed: seeds torch's generator for this call (the global state is restored afterwards).
+    """
+    if not conversations:
+        return []
+    prompts = [_prompt(tokenizer, msgs, max_context_tokens) for msgs in conversations]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_token_ids(tokenizer), **sampling,
+        )
+    new = out[:, enc["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+SEEKER_PROMPT = (
+    "You are a person chatting with a recommender to find something to watch. Answer in one or two short, casual "
+    "sentences. Do not recommend anything yourself."
+)
+
+
+class LMSimulator(UserSimulator):
+    """A user whose words come from a chat model and whose decisions come from a rule simulator.
+
+    Args:
+        rules: the simulator that decides acceptance, signals and leaving (e.g. a ``GroundedSimulator``).
+        model: a transformers causal LM with a chat template (e.g. ``load_causal_lm("smollm2")``).
+        tokenizer: its tokenizer (``load_tokenizer(...)``).
+        system_prompt: who the model plays.
+        max_new_tokens: longest utterance, in tokens.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+    """
+
+    def __init__(
+        self,
+        rules: UserSimulator,
+        model,
+        tokenizer,
+        system_prompt: str = SEEKER_PROMPT,
+        max_new_tokens: int = 48,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+    ):
+        self.rules, self.model, self.tokenizer = rules, model, tokenizer
+        self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
+        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
+
+    def prefix_points(self, dialogue: dict) -> list[int]:
+        return self.rules.prefix_points(dialogue)
+
+    def start(self, dialogue: dict, prefix_len: int, rng: np.random.Generator) -> UserState:
+        return self.rules.start(dialogue, prefix_len, rng)
+
+    def satisfaction(self, state: UserState) -> float:
+        return self.rules.satisfaction(state)
+
+    def react(
+        self, state: UserState, context: list[dict], reply: str, items: list[str], rng: np.random.Generator
+    ) -> Reaction:
+        return self.react_batch([state], [context], [reply], [items], [rng])[0]
+
+    def react_batch(self, states, contexts, replies, items, rngs) -> list[Reaction]:
+        reactions = self.rules.react_batch(states, contexts, replies, items, rngs)
+        conversations = []
+        for context, reply, reaction in zip(contexts, replies, reactions, strict=True):
+            intent = (
+                f"{self.system_prompt} What you want to say, in your own words: \"{reaction.text}\""
+            )
+            turns = [*context, {"role": RECOMMENDER, "text": reply}]
+            conversations.append(to_chat(turns, intent, assistant=SEEKER))
+        # one draw from every episode's generator, so the rule decisions' streams stay aligned in any batch
+        seed = int(sum(int(r.integers(2**31)) for r in rngs) % 2**31) if self.do_sample else None
+        texts = generate_chat(
+            self.model, self.tokenizer, conversations, self.max_new_tokens, self.do_sample, self.temperature,
+            self.top_p, seed=seed,
+        )
+        for reaction, text in zip(reactions, texts, strict=True):
+            reaction.text = text or reaction.text
+        return reactions

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+
+from crslight.data.schema import turn
+from crslight.simulator.env import ConversationEnv, signal_fields, summarise, to_signal_batch
+from crslight.simulator.grounded import GroundedSimulator
+from crslight.simulator.policies import PopularityPolicy, RandomPolicy
+
+
+def dialogues() -> list[dict]:
+    """Three seekers; each wants one unseen movie (the target) and has seen one."""
+    out = []
+    for k, (target, seen) in enumerate([("10", "5"), ("7", "2"), ("1", "10")]):
+        out.append({
+            "dialogue_id": f"d{k}",
+            "turns": [turn("seeker", f"Hi, I am user {k} and I need a movie for tonight.", time=0.0),
+                      turn("recommender", "Sure! What do you like?", time=6.0, end_time=8.0),
+                      turn("seeker", "Anything fun.", time=20.0)],
+            "labels": [{"item": target, "suggested": 1, "seen": 0, "liked": 1},
+                       {"item": seen, "suggested": 1, "seen": 1, "liked": 1}],
+            "rating": math.nan, "persona": "",
+        })
+    return out
+
+
+def make_env(catalogue, max_turns=4, seed=0, **sim_kwargs) -> ConversationEnv:
+    return ConversationEnv(dialogues(), catalogue, GroundedSimulator(catalogue, **sim_kwargs), max_turns=max_turns,
+                           seed=seed)
+
+
+def fingerprint(episodes) -> list:
+    return [(e.dialogue_id, e.ending, [(t["role"], t["text"], round(t["time"], 6)) for t in e.turns])
+            for e in episodes]
+
+
+def test_same_seed_same_episodes_for_any_batch_size(catalogue):
+    policy = RandomPolicy(catalogue, seed=3)
+    reference = fingerprint(make_env(catalogue).rollout(policy, 12, batch_size=32))
+    assert fingerprint(make_env(catalogue).rollout(policy, 12, batch_size=1)) == reference
+    assert fingerprint(make_env(catalogue).rollout(policy, 12, batch_size=5)) == reference
+    assert fingerprint(make_env(catalogue).rollout(policy, [7], batch_size=5))[0] == reference[7]
+    assert fingerprint(make_env(catalogue, seed=1).rollout(policy, 12)) != reference
+
+
+def test_episode_ends_on_acceptance(catalogue):
+    env = make_env(catalogue)
+    wanted = ["Get Out", "Spider-Man: Homecoming", "Police Academy"]  # user k's target, from the context alone
+    episodes = env.rollout(lambda ctxs: [f"Watch {wanted[int(c[0]['text'].split()[4])]}!" for c in ctxs], 6)
+    assert all(e.ending == "accept" and e.steps == 1 and e.accepted for e in episodes)
+    assert all(e.satisfaction == 5.0 for e in episodes)
+
+
+def test_episode_ends_when_the_user_leaves(catalogue):
+    env = make_env(catalogue, leave_base=1.0)
+    episodes = env.rollout(lambda ctxs: ["Tell me more about yourself."] * len(ctxs), 5)
+    assert all(e.ending == "leave" and e.steps == 1 for e in episodes)
+    assert all(not t.reaction.continues for e in episodes for t in e.transitions)
+
+
+def test_episode_ends_at_the_turn_limit(catalogue):
+    env = make_env(catalogue, max_turns=3, leave_step=0.0)
+    episodes = env.rollout(lambda ctxs: ["Hmm, let me think."] * len(ctxs), 4)
+    assert all(e.ending == "turn_limit" and e.steps == 3 for e in episodes)
+    assert summarise(episodes)["endings"] == {"accept": 0, "leave": 0, "turn_limit": 4}
+
+
+def test_transitions_carry_signals_and_times(catalogue):
+    env = make_env(catalogue, max_turns=2, leave_step=0.0)
+    episodes = env.rollout(PopularityPolicy(catalogue), 3)
+    for e in episodes:
+        assert len(e.turns) == e.prefix_len + 2 * e.steps
+        for k, t in enumerate(e.transitions):
+            reply, answer = e.turns[e.prefix_len + 2 * k], e.turns[e.prefix_len + 2 * k + 1]
+            assert reply["text"] == t.reply and reply["items"] == t.items and t.items
+            assert answer["time"] - reply["end_time"] == pytest.approx(t.reaction.dwell_time, abs=1e-3)
+            assert reply["time"] >= e.turns[e.prefix_len - 1]["end_time"]
+            assert t.rating == e.satisfaction
+    # popularity names Get Out (50) first, then Frozen (40): d0 accepts at once, d2 has seen Get Out
+    fields = signal_fields([t for e in episodes for t in e.transitions])
+    assert set(fields) == {"context", "reply", "items", "item_names", "reaction", "dwell_time", "labels", "rating",
+                           "accepted", "continues"}
+    assert len({len(v) for v in fields.values()}) == 1
+    assert fields["item_names"][0] == ["Get Out (2017)"]
+    batch = to_signal_batch([t for e in episodes for t in e.transitions])
+    assert len(batch) == len(fields["reply"]) and batch.accepted == fields["accepted"]
+
+
+def test_policy_must_answer_every_context(catalogue):
+    with pytest.raises(ValueError, match="replies"):
+        make_env(catalogue).rollout(lambda ctxs: ["hi"], 3)
+
+
+def test_no_startable_dialogue_is_an_error(catalogue):
+    with pytest.raises(ValueError, match="prefix"):
+        ConversationEnv([{**dialogues()[0], "labels": []}], catalogue, GroundedSimulator(catalogue))

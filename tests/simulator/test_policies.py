@@ -1,0 +1,98 @@
+import numpy as np
+
+from crslight.data.schema import turn
+from crslight.simulator import lm
+from crslight.simulator.grounded import GroundedSimulator
+from crslight.simulator.linker import ItemLinker
+from crslight.simulator.lm import LMSimulator, generate_chat, stop_token_ids, to_chat
+from crslight.simulator.policies import LMPolicy, PopularityPolicy, RandomPolicy, interaction_counts
+
+CONTEXT = [turn("recommender", "Hi!"), turn("seeker", "I loved Get Out (2017).", ["10"]),
+           turn("seeker", "Anything similar?")]
+
+
+def test_popularity_names_the_most_popular_unmentioned_item(catalogue):
+    policy = PopularityPolicy(catalogue)
+    linker = ItemLinker.from_catalogue(catalogue)
+    reply = policy([CONTEXT])[0]
+    assert linker.link(reply) == ["5"]  # Get Out (50) was mentioned; Frozen (40) is next
+    assert "Frozen (2013)" in reply
+    counted = PopularityPolicy(catalogue, popularity={"1": 3.0, "6": 3.0})
+    assert linker.link(counted([CONTEXT])[0]) == ["6"]  # tie on counts: catalogue popularity decides
+
+
+def test_interaction_counts_prefer_accepted_items_and_fall_back_to_mentions():
+    dialogues = {
+        "turns": [[turn("recommender", "A", ["a"])], [turn("recommender", "B", ["b"])]],
+        "labels": [[{"item": "a", "suggested": 1, "seen": 0, "liked": 1},
+                    {"item": "z", "suggested": 1, "seen": 1, "liked": 1}], []],
+    }
+    assert interaction_counts(dialogues) == {"a": 1.0, "b": 1.0}
+
+
+def test_random_policy_is_a_function_of_seed_and_context(catalogue):
+    policy = RandomPolicy(catalogue, seed=0)
+    other = [turn("seeker", "Hello, something else")]
+    alone = policy([CONTEXT])[0]
+    assert policy([other, CONTEXT])[1] == alone  # batch composition does not matter
+    linker = ItemLinker.from_catalogue(catalogue)
+    picks = {linker.link(RandomPolicy(catalogue, seed=s)([CONTEXT])[0])[0] for s in range(30)}
+    assert "10" not in picks and len(picks) > 5  # never a mentioned item; spread over the catalogue
+
+
+def test_to_chat_maps_roles_and_merges_turns():
+    messages = to_chat(CONTEXT, "sys")
+    assert messages == [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "Hi!"},
+                        {"role": "user", "content": "I loved Get Out (2017). Anything similar?"}]
+    assert [m["role"] for m in to_chat(CONTEXT, None, assistant="seeker")] == ["user", "assistant"]
+
+
+def test_lm_policy_batched_left_padded_generation_matches_one_by_one(tiny_chat):
+    model, tokenizer = tiny_chat
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+    policy = LMPolicy(model, tokenizer, max_new_tokens=6, do_sample=False)
+    contexts = [CONTEXT, [turn("seeker", "Hi")]]
+    batched = policy(contexts)
+    assert len(batched) == 2 and all(isinstance(r, str) for r in batched)
+    assert [policy([c])[0] for c in contexts] == batched
+
+
+def test_lm_policy_sampling_is_seeded(tiny_chat):
+    model, tokenizer = tiny_chat
+    a = LMPolicy(model, tokenizer, max_new_tokens=8, seed=1)([CONTEXT] * 3)
+    b = LMPolicy(model, tokenizer, max_new_tokens=8, seed=1)([CONTEXT] * 3)
+    assert a == b
+
+
+def test_long_contexts_lose_their_oldest_turns(tiny_chat):
+    _, tokenizer = tiny_chat
+    messages = to_chat([turn("seeker", "word " * 200), turn("recommender", "ok"), turn("seeker", "Get Out?")], "sys")
+    prompt = lm._prompt(tokenizer, messages, max_context_tokens=60)
+    assert "sys" in prompt and "Get Out?" in prompt and "word word" not in prompt
+
+
+def test_lm_simulator_words_come_from_the_model_and_decisions_from_the_rules(catalogue, tiny_chat, monkeypatch):
+    model, tokenizer = tiny_chat
+    rules = GroundedSimulator(catalogue, leave_step=0.0)
+    sim = LMSimulator(rules, model, tokenizer, max_new_tokens=6)
+    dialogue = {"dialogue_id": "d", "turns": [turn("seeker", "Hi"), turn("recommender", "Hello")],
+                "labels": [{"item": "10", "suggested": 1, "seen": 0, "liked": 1}]}
+    state = sim.start(dialogue, 1, np.random.default_rng(0))
+    seen_prompts = []
+
+    def fake_generate(model, tokenizer, conversations, *args, **kwargs):
+        seen_prompts.extend(conversations)
+        return ["Oh cool, I will watch it!"] * len(conversations)
+
+    monkeypatch.setattr(lm, "generate_chat", fake_generate)
+    reaction = sim.react(state, dialogue["turns"][:1], "Try Get Out", ["10"], np.random.default_rng(0))
+    assert reaction.accepted and reaction.text == "Oh cool, I will watch it!"
+    assert seen_prompts[0][-1] == {"role": "user", "content": "Try Get Out"}  # the recommender is the model's user
+    monkeypatch.undo()
+    real = sim.react_batch([sim.start(dialogue, 1, np.random.default_rng(1))], [dialogue["turns"][:1]],
+                           ["Try Police Academy"], [["1"]], [np.random.default_rng(1)])[0]
+    assert not real.accepted and isinstance(real.text, str) and real.text
+
+
+def test_generate_chat_handles_an_empty_batch(tiny_chat):
+    assert generate_chat(*tiny_chat, []) == []
