@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 
 from crslight.data.schema import RECOMMENDER
+from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.lm import generate_chat, to_chat
 
@@ -120,10 +121,8 @@ class PopularityPolicy:
         return replies
 
 
-RECOMMENDER_PROMPT = (
-    "You are a friendly movie recommender chatting with a user. Ask about their taste when you need to, and "
-    "recommend one specific title at a time, written with its year."
-)
+#: The same system prompt the DataModules train with, so a policy is prompted as it was trained.
+RECOMMENDER_PROMPT = DEFAULT_SYSTEM_PROMPT
 
 
 class LMPolicy:
