@@ -63,8 +63,16 @@ class ItemHead(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.eye_(self.proj.weight)
         self.bias = nn.Parameter(torch.zeros(len(title_offsets)))
-        self.register_buffer("title_ids", title_ids, persistent=False)
-        self.register_buffer("title_offsets", title_offsets, persistent=False)
+        # kept in checkpoints, so a head rebuilds from a state dict alone (and a changed catalogue cannot load)
+        self.register_buffer("title_ids", title_ids)
+        self.register_buffer("title_offsets", title_offsets)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> ItemHead:
+        """A head shaped like the one that wrote ``state`` (keys under ``prefix``), with its weights."""
+        head = cls(state[prefix + "proj.weight"].shape[0], state[prefix + "title_ids"], state[prefix + "title_offsets"])
+        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        return head
 
     @classmethod
     def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str]) -> ItemHead:

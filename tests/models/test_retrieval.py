@@ -58,3 +58,15 @@ def test_a_planted_item_ranks_first_after_training(tiny_tokenizer, tiny_lm, tmp_
 def test_previous_mask():
     mask = previous_mask(torch.tensor([[2, 0], [-1, -1], [1, -1]]), 4)
     assert mask.tolist() == [[True, False, True, False], [False] * 4, [False, True, False, False]]
+
+
+def test_head_round_trips_through_its_state_dict(tiny_tokenizer, tiny_lm):
+    head = ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, ["Heat (1995)", "Up (2009)"])
+    with torch.no_grad():
+        head.bias.add_(torch.tensor([0.5, -0.5]))
+        head.proj.weight.mul_(2)
+    state = {f"item_head.{k}": v for k, v in head.state_dict().items()}
+    again = ItemHead.from_state_dict(state, prefix="item_head.")
+    hidden = torch.randn(3, tiny_lm.config.hidden_size)
+    embeddings = tiny_lm.get_output_embeddings().weight
+    assert torch.equal(again(hidden, embeddings), head(hidden, embeddings))
