@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from crslight.data.corpus import Corpus, load_corpus
+from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
 from crslight.data.schema import RECOMMENDER, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 
@@ -97,7 +98,8 @@ class CRSDataModule(LightningDataModule):
 
     Args:
         root: folder of the official download (``None`` for ``Synthetic``).
-        task: ``sft`` (dialogues with a recommender loss mask) or ``prompts`` (one prompt per recommender turn).
+        task: ``sft`` (dialogues with a recommender loss mask), ``prompts`` (one prompt per recommender turn) or
+            ``pairs`` (reward-model samples and preference pairs, as text: see ``crslight.data.pairs``).
         tokenizer: model name, folder or alias whose tokenizer and chat template are used (``smollm2``).
         batch_size: samples per batch.
         max_length: tokens kept per sample (dialogues are cut on the right, prompts lose their oldest turns).
@@ -107,6 +109,7 @@ class CRSDataModule(LightningDataModule):
         max_samples: keep only the first N samples of each split (quick runs); ``None`` keeps all.
         train_split: the split trained on.
         eval_split: the split ``validate`` uses; ``test`` always uses ``test``.
+        pairs: ``task: pairs`` only: the composite label (signals and weights) and which pairs to build.
     """
 
     source: str = ""
@@ -114,7 +117,7 @@ class CRSDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
-        task: Literal["sft", "prompts"] = "sft",
+        task: Literal["sft", "prompts", "pairs"] = "sft",
         tokenizer: str = "smollm2",
         batch_size: int = 8,
         max_length: int = 512,
@@ -124,11 +127,12 @@ class CRSDataModule(LightningDataModule):
         max_samples: int | None = None,
         train_split: str = "train",
         eval_split: str = "valid",
+        pairs: PairOptions | None = None,
     ):
         super().__init__()
-        if task not in ("sft", "prompts"):
-            raise ValueError(f"unknown task {task!r}: expected 'sft' or 'prompts'")
-        self.save_hyperparameters()
+        if task not in ("sft", "prompts", "pairs"):
+            raise ValueError(f"unknown task {task!r}: expected 'sft', 'prompts' or 'pairs'")
+        self.save_hyperparameters(ignore=["pairs"])  # signal extractors hold caches; the CLI saves the config
         self.root, self.task, self.tokenizer_name = root, task, tokenizer
         self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
         self.system_prompt = system_prompt or None
@@ -136,6 +140,7 @@ class CRSDataModule(LightningDataModule):
         self.splits = {"fit": train_split, "validate": eval_split, "test": "test", "predict": "test"}
         self._tokenizer = None
         self._data: dict[str, object] = {}
+        self.pairs = (pairs or PairOptions()) if task == "pairs" else pairs
 
     # -- sources ------------------------------------------------------------------------------------------------
     def corpus(self, split: str) -> Corpus:
@@ -166,6 +171,8 @@ class CRSDataModule(LightningDataModule):
                 self._data[split] = self.build(split)
 
     def build(self, split: str):
+        if self.task == "pairs":
+            return make_pair_data(self.corpus, split, self.pairs)
         corpus = self.corpus(split)
         dialogues = corpus.dialogues
         if self.task == "sft" or split == self.splits["test"]:  # evaluation always reads whole dialogues
@@ -222,6 +229,8 @@ class CRSDataModule(LightningDataModule):
         if split not in self._data:
             self._data[split] = self.build(split)
         data = self._data[split]
+        if self.task == "pairs":
+            return pair_loader(data, shuffle, self.batch_size, self.num_workers)
         # evaluation batches dialogues of similar length together: far less padding, same metrics
         order = None if shuffle else sorted(range(len(data)), key=lambda i: len(data[i].ids))
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, sampler=order, collate_fn=self.collate,

@@ -1,0 +1,166 @@
+"""Test-time evaluation shared by every policy stage (base zero-shot, SFT, PPO).
+
+Two parts, both logged under ``test/`` and so written to ``test_metrics.json`` by ``crslight test``:
+
+- **Ranking** (CRSLab / UniCRS protocol): the policy's catalogue scores at every recommender turn
+  (``crslight.models.retrieval``), Recall / NDCG / MRR at 1, 10, 50, item coverage of the top 10; the same three with
+  items mentioned earlier removed are reported with the suffix ``_new``. Each dialogue is encoded once.
+- **Conversation** (user simulator): ``episodes`` episodes of the policy (sampling its replies with ``generate``)
+  against the dataset's simulated users: satisfaction (1-5), acceptance rate, mean turns, distinct-2 of the replies,
+  and coherence (MiniLM cosine between the context and the reply, ``crslight.metrics.Coherence``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from crslight.metrics import Coherence, DistinctN, ItemCoverage, MRRAtK, NDCGAtK, RecallAtK, Satisfaction
+from crslight.models.retrieval import previous_mask
+
+KS = (1, 10, 50)
+
+
+class RankingEvaluator(nn.Module):
+    """Ranking metrics of the plain and the ``_new`` protocol variant, reduced across DDP ranks.
+
+    Args:
+        num_items: the catalogue size.
+        k: the cut-offs.
+    """
+
+    def __init__(self, num_items: int, k: tuple[int, ...] = KS):
+        super().__init__()
+        self.num_items = num_items
+        self.plain = nn.ModuleList([RecallAtK(k), NDCGAtK(k), MRRAtK(k)])
+        self.new = nn.ModuleList([RecallAtK(k), NDCGAtK(k), MRRAtK(k)])
+        self.coverage = ItemCoverage(num_items, k=10)
+
+    def update(self, scores: torch.Tensor, target: torch.Tensor, previous: torch.Tensor) -> None:
+        """``scores (n, n_items)``, ``target (n,)``, ``previous (n, m)`` (``-1``-padded item rows)."""
+        exclude = previous_mask(previous, self.num_items)
+        for metric in self.plain:
+            metric.update(scores, target)
+        for metric in self.new:
+            metric.update(scores, target, exclude=exclude)
+        self.coverage.update(scores.float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for metric in self.plain:
+            out.update(metric.compute())
+        for metric in self.new:
+            out.update({f"{k}_new": v for k, v in metric.compute().items()})
+        out["item_coverage"] = self.coverage.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in [*self.plain, *self.new, self.coverage]:
+            metric.reset()
+
+
+class ConversationEvaluator(nn.Module):
+    """Simulator episodes of the policy: satisfaction, acceptance, turns, distinct-2, coherence.
+
+    Args:
+        coherence_model: sentence encoder for coherence (alias or folder); empty to skip coherence.
+    """
+
+    def __init__(self, coherence_model: str = "minilm"):
+        super().__init__()
+        self.satisfaction = Satisfaction()
+        self.acceptance = Satisfaction()
+        self.turns = Satisfaction()
+        self.distinct = DistinctN(n=(2,))
+        self.coherence = Coherence(model=coherence_model) if coherence_model else None
+
+    def update(self, episodes) -> None:
+        """Adds finished ``crslight.simulator.env.Episode`` objects."""
+        if not episodes:
+            return
+        self.satisfaction.update([e.satisfaction for e in episodes])
+        self.acceptance.update([float(e.accepted) for e in episodes])
+        self.turns.update([float(e.steps) for e in episodes])
+        transitions = [t for e in episodes for t in e.transitions]
+        self.distinct.update([t.reply for t in transitions])
+        if self.coherence is not None:
+            self.coherence.update([t.context for t in transitions], [t.reply for t in transitions])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {
+            "satisfaction": self.satisfaction.compute(),
+            "acceptance": self.acceptance.compute(),
+            "turns": self.turns.compute(),
+            **self.distinct.compute(),
+        }
+        if self.coherence is not None:
+            out["coherence"] = self.coherence.compute()
+        return out
+
+
+def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, root: str | None = None,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 16) -> list:
+    """Runs this rank's share of ``episodes`` simulator episodes (episode ``i`` on rank ``i % world_size``)."""
+    from crslight.simulator.cli import default_simulator, linker_for
+    from crslight.simulator.env import ConversationEnv
+
+    env = ConversationEnv.from_corpus(corpus, default_simulator(corpus, root), linker=linker_for(corpus),
+                                      max_turns=max_turns, seed=seed)
+    return env.rollout(policy_fn, list(range(rank, episodes, world_size)), batch_size=batch_size)
+
+
+def catalogue_names(module) -> list[str] | None:
+    """The item names of the module's DataModule catalogue (``None`` without a crslight DataModule)."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None or not hasattr(datamodule, "corpus"):
+        return None
+    return datamodule.corpus("test").item_names
+
+
+class PolicyEvaluator(nn.Module):
+    """What ``crslight test`` reports for a policy: ranking from its item head, then simulator episodes.
+
+    Args:
+        num_items: the catalogue size.
+        episodes: simulator episodes after ranking (0 skips the conversation metrics).
+        max_turns: policy replies per episode at most.
+        max_new_tokens: longest sampled reply.
+        coherence_model: sentence encoder of the coherence metric ("" skips it).
+        seed: seeds the episodes and the policy's sampling.
+    """
+
+    def __init__(self, num_items: int, episodes: int = 32, max_turns: int = 2, max_new_tokens: int = 40,
+                 coherence_model: str = "minilm", seed: int = 0):
+        super().__init__()
+        self.ranking = RankingEvaluator(num_items)
+        self.conversation = ConversationEvaluator(coherence_model) if episodes else None
+        self.episodes, self.max_turns, self.max_new_tokens, self.seed = episodes, max_turns, max_new_tokens, seed
+
+    @torch.no_grad()
+    def step(self, policy, head, batch) -> None:
+        """Ranks the catalogue at every recommendation sample of a dialogue batch (``SFTBatch``)."""
+        from crslight.models.retrieval import rank_scores
+
+        if batch.rec_row is None:
+            return
+        self.ranking.update(rank_scores(policy, head, batch), batch.rec_target, batch.rec_previous)
+
+    @torch.no_grad()
+    def finish(self, policy, tokenizer, datamodule, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        """Computes the ranking metrics, runs this rank's episodes, and returns every metric (reduced over ranks)."""
+        from crslight.simulator.policies import LMPolicy
+
+        out = self.ranking.compute()
+        self.ranking.reset()
+        if self.conversation is not None and datamodule is not None:
+            was_training = policy.training
+            policy.eval()
+            lm = LMPolicy(policy, tokenizer, max_new_tokens=self.max_new_tokens, seed=self.seed + rank)
+            corpus = datamodule.corpus("test")
+            self.conversation.update(run_episodes(lm, corpus, self.episodes, self.max_turns, self.seed,
+                                                  root=datamodule.root, rank=rank, world_size=world_size))
+            out.update(self.conversation.compute())
+            self.conversation.reset()
+            policy.train(was_training)
+        return out

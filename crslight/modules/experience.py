@@ -1,0 +1,288 @@
+"""PPO's experience: replies sampled in the simulator (or to single prompts), their scores, and turn-level returns.
+
+Kept apart from :mod:`crslight.modules.ppo` so that the module holds the optimisation and this file the data flow:
+prompts or simulated episodes → :class:`~crslight.modules.rollout.Samples` (one row per reply) → scores from R_phi and
+the direct signals → :class:`Episodes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from crslight.data.datamodules import PromptBatch
+from crslight.modules.rollout import Recorder, Sampler, Samples, pack
+from crslight.rl import gae, group_normalized_advantages, kl_penalty, masked_whiten, per_token_rewards
+from crslight.signals.base import SignalBatch
+from crslight.simulator.base import simulator_class
+from crslight.simulator.cli import default_simulator, linker_for
+from crslight.simulator.env import ConversationEnv, to_signal_batch
+
+
+@dataclass
+class Episodes:
+    """One step's replies, one row each, grouped into episodes.
+
+    Attributes:
+        samples: the packed prompt + reply tokens, ``b`` rows.
+        scores: ``(b,)`` each reply's score (R_phi plus weighted signals), before normalisation.
+        episode: ``(b,)`` the episode of each reply, ``0..e-1``; GRPO groups are consecutive episodes.
+        turn: ``(b,)`` the reply's turn in its episode.
+        ended: ``(b,)`` whether the reply ended with the end-of-turn token (False: cut at ``max_new_tokens``).
+        metrics: scalars to log (mean R_phi reward, signals, simulator acceptance ...).
+    """
+
+    samples: Samples
+    scores: torch.Tensor
+    episode: torch.Tensor
+    turn: torch.Tensor
+    ended: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def episode_returns(self, returns: torch.Tensor) -> torch.Tensor:
+        """``(e,)`` each episode's return: that of its first reply (``returns`` are per reply)."""
+        n = int(self.episode.max()) + 1
+        out = torch.zeros(n, dtype=returns.dtype)
+        first = self.turn == 0
+        out[self.episode[first]] = returns[first]
+        return out
+
+
+class RunningMoments:
+    """Running mean and variance of all scores seen (Chan et al.'s parallel update), for reward normalisation."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.double().reshape(-1)
+        n = values.numel()
+        if n == 0:
+            return
+        mean, var = float(values.mean()), float(values.var(unbiased=False))
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total if total > 1 and m2 > 0 else self.var
+        self.count = total
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def turn_returns(scores: torch.Tensor, episode: torch.Tensor, turn: torch.Tensor, discount: float) -> torch.Tensor:
+    """``G_k = s_k + discount * G_{k+1}`` within each episode.
+
+    Example: one episode of three replies with scores ``[1, 0, 2]`` and discount 0.5 gives
+    ``G_2 = 2``, ``G_1 = 0 + 0.5 * 2 = 1``, ``G_0 = 1 + 0.5 * 1 = 1.5``.
+
+    Args:
+        scores: ``(b,)`` per reply.
+        episode: ``(b,)`` episode ids.
+        turn: ``(b,)`` turn of each reply in its episode.
+        discount: per-turn discount.
+
+    Returns:
+        ``(b,)`` float32 returns.
+    """
+    returns = torch.zeros_like(scores, dtype=torch.float32)
+    for e in episode.unique().tolist():
+        rows = (episode == e).nonzero().flatten()
+        rows = rows[turn[rows].argsort(descending=True)]
+        future = 0.0
+        for r in rows.tolist():
+            future = float(scores[r]) + discount * future
+            returns[r] = future
+    return returns
+
+
+def shaped_returns(episodes: Episodes, moments: RunningMoments, hp, gather) -> torch.Tensor:
+    """Per reply: the turn score, normalised by running moments of all ranks' scores (``gather``) and clipped as
+    ``hp`` says, then the turn-level return ``G_k`` (:func:`turn_returns`)."""
+    scores = episodes.scores.clone()
+    if hp.reward_normalization != "none":
+        moments.update(gather(scores))
+        std = max(moments.std, 1e-6)
+        scores = (scores - moments.mean) / std if hp.reward_normalization == "zscore" else scores / std
+    if hp.reward_clip:
+        scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+    if hp.missing_eos_penalty is not None:
+        scores = scores + hp.missing_eos_penalty * (~episodes.ended).float()
+    return turn_returns(scores, episodes.episode, episodes.turn, hp.turn_discount)
+
+
+def make_experience(module, batch: PromptBatch) -> tuple[Episodes, dict[str, torch.Tensor]]:
+    """Rollout, scores, KL, advantages and returns for one PPO step of ``module`` (a ``PPOModule``).
+
+    Returns:
+        The episodes, and per-token tensors on the reply grid ``(b, w)``: ``logprobs``, ``ref_logprobs``, ``entropy``,
+        ``values`` and ``returns`` (with a critic), ``mask``, ``kl`` and ``advantages``; plus ``returns_per_reply``
+        ``(b,)``.
+    """
+    hp = module.hparams
+    module.eval()  # no dropout anywhere: the first minibatch's ratios are exactly 1
+    episodes = module.collect(batch)
+    samples = episodes.samples
+    exp = module.score_samples(samples)
+    mask = samples.response_mask[:, samples.start :].to(module.device).bool()
+    gather = lambda x: module.all_gather(x.to(module.device)).reshape(-1).cpu()  # noqa: E731
+    returns = shaped_returns(episodes, module.reward_moments, hp, gather).to(module.device)
+    exp["mask"] = mask
+    exp["kl"] = kl_penalty(exp["logprobs"], exp["ref_logprobs"], hp.kl_estimator).masked_fill(~mask, 0.0)
+    if module.uses_critic:
+        rewards, _ = per_token_rewards(returns, exp["logprobs"], exp["ref_logprobs"], mask,
+                                       module.kl_controller.value, hp.kl_estimator)
+        advantages, exp["returns"] = gae(rewards, exp["values"], mask, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    else:  # GRPO: the episode's return standardised within its group, on every token of its replies
+        group = group_normalized_advantages(episodes.episode_returns(returns.cpu()), hp.group_size)
+        advantages = group[episodes.episode].to(module.device)[:, None].expand_as(mask).float()
+    exp["advantages"] = torch.where(mask, advantages, 0.0)
+    exp["returns_per_reply"] = returns
+    return episodes, exp
+
+
+class EpisodeSources:
+    """The DataModule's splits, and a simulator environment over each, built on first use per stage.
+
+    Args:
+        datamodule: a crslight DataModule (``ReDial``, ``OpenDialKG``, ``Synthetic``).
+        simulator: simulator class name, ``auto`` for the dataset's default, ``None`` for no simulator.
+        simulator_args: keyword arguments of the simulator beside the catalogue.
+        max_turns: replies per episode at most.
+        seed: the environment's seed.
+    """
+
+    def __init__(self, datamodule, simulator: str | None, simulator_args: dict | None, max_turns: int, seed: int):
+        if not hasattr(datamodule, "corpus"):
+            raise TypeError("PPOModule needs a crslight DataModule (ReDial, OpenDialKG, Synthetic) with task: prompts")
+        self.datamodule, self.simulator, self.simulator_args = datamodule, simulator, simulator_args or {}
+        self.max_turns, self.seed = max_turns, seed
+        self._corpora: dict = {}
+        self._envs: dict = {}
+
+    def corpus(self, stage: str):
+        """The split of ``stage`` (``fit`` or ``validate``)."""
+        if stage not in self._corpora:
+            self._corpora[stage] = self.datamodule.corpus(self.datamodule.splits[stage])
+        return self._corpora[stage]
+
+    def environment(self, stage: str) -> ConversationEnv | None:
+        """The simulator's environment over ``stage``'s split; ``None`` without a simulator."""
+        if self.simulator is None:
+            return None
+        if stage not in self._envs:
+            corpus = self.corpus(stage)
+            if self.simulator == "auto":
+                simulator = default_simulator(corpus, getattr(self.datamodule, "root", None))
+            else:
+                simulator = simulator_class(self.simulator)(corpus.catalogue, **self.simulator_args)
+            self._envs[stage] = ConversationEnv.from_corpus(corpus, simulator, linker=linker_for(corpus),
+                                                            max_turns=self.max_turns, seed=self.seed)
+        return self._envs[stage]
+
+
+def _generation_config(module) -> GenerationConfig:
+    hp, tokenizer = module.hparams, module.tokenizer
+    return GenerationConfig(
+        do_sample=True, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+def _prompts_of(batch: PromptBatch) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+
+
+def _single_turn_batch(contexts: list[list[dict]], replies: list[str], linker, names: dict[str, str]) -> SignalBatch:
+    items = linker.link_batch(replies)
+    b = len(replies)
+    return SignalBatch(context=contexts, reply=replies, items=items, item_names=[[names.get(i, i) for i in x]
+                       for x in items], reaction=[None] * b, dwell_time=[math.nan] * b, labels=[{} for _ in range(b)],
+                       rating=[math.nan] * b, accepted=[math.nan] * b, continues=[False] * b)
+
+
+def score(module, batch: SignalBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each reply's score: R_phi plus the weighted direct signals (NaN counted as 0), and their means for logs."""
+    if module.reward_model is None and not module.signals:
+        raise ValueError("PPOModule has no reward: set reward_model (a RewardModule checkpoint) and/or signals")
+    scores = torch.zeros(len(batch))
+    metrics: dict[str, float] = {}
+    if module.reward_model is not None:
+        with torch.no_grad():
+            reward = module.reward_model.score(batch).float().cpu()
+        scores += reward
+        metrics["reward"] = float(reward.mean())
+    for signal, weight in zip(module.signals, module.signal_weights, strict=True):
+        values = signal(batch)
+        metrics[f"signal/{signal.name}"] = float(values.nan_to_num(0.0).mean())
+        scores += weight * values.nan_to_num(0.0)
+    metrics["score"] = float(scores.mean())
+    metrics.setdefault("reward", metrics["score"])
+    return scores, metrics
+
+
+def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int) -> Episodes:
+    """Samples replies and scores them (see :class:`~crslight.modules.ppo.PPOModule`).
+
+    Args:
+        module: the ``PPOModule``.
+        batch: prompts; with a simulator only their number counts (the environment draws the episodes).
+        stage: ``fit`` or ``validate``: whose split the prompts and episodes come from.
+        first_episode: the environment's index of the first episode; episode ``i`` of the batch is
+            ``first_episode + i`` (each repeated ``group_size`` times for GRPO).
+    """
+    hp, tokenizer, trainer = module.hparams, module.tokenizer, module.trainer
+    env = module.sources.environment(stage)
+    corpus = module.sources.corpus(stage)
+    sampler = Sampler(module.policy, _generation_config(module), synced=trainer.world_size > 1)
+    repeat = hp.group_size if hp.advantage_estimator == "grpo" and stage == "fit" else 1
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    metrics: dict[str, float] = {}
+    if env is None:
+        prompts = [p for p in _prompts_of(batch) for _ in range(repeat)]
+        contexts = [corpus.dialogues[int(d)]["turns"][: int(t)]
+                    for d, t in zip(batch.dialogue_index, batch.turn_index, strict=True) for _ in range(repeat)]
+        replies = sampler(prompts)
+        sampler.drain()
+        texts = [decode(r) for r in replies]
+        names = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["name"], strict=True))
+        signal_batch = _single_turn_batch(contexts, texts, linker_for(corpus), names)
+        episode, turn = list(range(len(prompts))), [0] * len(prompts)
+    else:
+        indices = [first_episode + i for i in range(len(batch.input_ids)) for _ in range(repeat)]
+        recorder = Recorder(trainer.datamodule.encode_prompt, sampler, decode)
+        episodes = env.rollout(recorder, indices, batch_size=len(indices))
+        sampler.drain()
+        prompts, replies, episode, turn = [], [], [], []
+        for k, steps in enumerate(recorder.match(episodes)):
+            for step, (prompt, reply, _) in enumerate(steps):
+                prompts.append(prompt)
+                replies.append(reply)
+                episode.append(k)
+                turn.append(step)
+        signal_batch = to_signal_batch([t for e in episodes for t in e.transitions])
+        metrics["accept"] = sum(e.accepted for e in episodes) / len(episodes)
+        metrics["satisfaction"] = sum(e.satisfaction for e in episodes) / len(episodes)
+        metrics["turns"] = sum(e.steps for e in episodes) / len(episodes)
+        metrics["leave"] = sum(e.ending == "leave" for e in episodes) / len(episodes)
+    scores, score_metrics = score(module, signal_batch)
+    metrics.update(score_metrics)
+    metrics["items_named"] = sum(bool(items) for items in signal_batch.items) / max(1, len(signal_batch))
+    eos = tokenizer.eos_token_id
+    ended = torch.tensor([bool(r) and r[-1] == eos for r in replies])
+    metrics["eos_rate"] = float(ended.float().mean())
+    samples = pack(prompts, replies, tokenizer.pad_token_id)
+    return Episodes(samples, scores, torch.tensor(episode), torch.tensor(turn), ended, metrics)

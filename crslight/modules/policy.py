@@ -1,0 +1,242 @@
+"""What the stages that train the policy share: loading it, LoRA, lean checkpoints, RNG state, a merged copy.
+
+:class:`PolicyModule` is the one small base class of :class:`~crslight.modules.sft.SFTModule` and
+:class:`~crslight.modules.ppo.PPOModule`. It builds the policy lazily in ``configure_model`` (so parsing a config is
+cheap and DDP wraps a model that exists), and makes a checkpoint hold everything a run needs to continue exactly:
+
+- the weights that training changes — the whole policy, or with LoRA only the adapters (plus any other trainable
+  part such as a value head), because the frozen base is rebuilt from ``model`` / ``init_from``;
+- every rank's RNG states (torch, CUDA, numpy, ``random``), restored when a ``Trainer`` resumes;
+- ``crslight_module``, the class that wrote it, so :func:`crslight.export.export` rebuilds it without a config;
+- whatever a subclass adds in :meth:`extra_state` (PPO: KL controller, reward statistics, counters).
+
+Lightning saves the optimizer, LR scheduler and loop counters itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from torch import nn
+from transformers import PreTrainedModel
+
+from crslight.models.loading import load_causal_lm, load_tokenizer
+from crslight.models.lora import apply_lora, has_adapters
+
+MODULE_KEY = "crslight_module"
+STATE_KEY = "crslight_state"
+RNG_KEY = "crslight_rng"
+
+
+def rng_state() -> dict[str, Any]:
+    """The current RNG states of torch (CPU and CUDA), numpy and ``random``, as tensors and plain Python values (a
+    checkpoint must load with ``torch.load(weights_only=True)``, the default of ``Trainer.fit(ckpt_path=...)``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def merge_lora(model: nn.Module) -> PreTrainedModel:
+    """A plain transformers model with any LoRA adapters merged into its weights (the input is not modified)."""
+    model = copy.deepcopy(model)
+    if has_adapters(model):
+        model = model.merge_and_unload()
+    return model
+
+
+def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LightningModule:
+    """Rebuilds the module that wrote a crslight checkpoint (``SFTModule``, ``PPOModule``) with its weights, in eval
+    mode. A LoRA checkpoint gets its frozen base from the run's ``model`` / ``init_from``; a full one from ``model``."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    class_path = checkpoint.get(MODULE_KEY)
+    if class_path is None:
+        raise ValueError(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    if not hparams.get("lora"):
+        hparams["init_from"] = None  # every weight is in the file: no need to load the run's starting point
+    accepted = inspect.signature(cls.__init__).parameters
+    module = cls(**{key: value for key, value in hparams.items() if key in accepted})
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    return module.to(map_location).eval()
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """``path`` itself when it is a file; the newest ``.ckpt`` under a folder that is not a transformers folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no .ckpt file under {path} (and it is not a transformers folder)")
+        return found[-1]
+    return None
+
+
+def load_initial_policy(init_from: str, dtype: str | torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The starting policy: a crslight checkpoint (``.ckpt``, or the newest under a run folder; LoRA merged) or a
+    transformers folder / alias."""
+    checkpoint = find_checkpoint(init_from)
+    if checkpoint is not None:
+        module = load_policy_checkpoint(checkpoint)
+        policy = merge_lora(module.policy)
+        return policy.to(dtype=getattr(torch, str(dtype).removeprefix("torch."))) if dtype != "auto" else policy
+    return load_causal_lm(init_from, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+class Hidden:
+    """Holds a module outside the LightningModule: not in its ``state_dict``, not moved by Lightning, not in DDP."""
+
+    def __init__(self, module: torch.nn.Module | None = None) -> None:
+        self.module = module
+
+
+class PolicyModule(LightningModule):
+    """Base of the modules that train a causal LM ``policy`` (see the module docstring).
+
+    Args:
+        model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
+        init_from: Start from these weights instead of ``model``'s: a crslight checkpoint (LoRA merged) or a folder.
+        dtype: Parameter dtype of the policy (``float32``; ``bfloat16`` halves memory). For bf16 autocast with float32
+            weights set ``trainer.precision: bf16-mixed`` instead.
+        lora: Train LoRA adapters instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is multiplied by ``alpha / r``).
+        lora_dropout: Dropout on the adapters' input.
+        lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+        trust_remote_code: Allow custom modelling code from the model folder.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        init_from: str | None = None,
+        dtype: str = "float32",
+        lora: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = "all-linear",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy: PreTrainedModel | None = None
+        self._tokenizer = None
+        # With LoRA a checkpoint holds only the trainable weights; the frozen base comes back from model / init_from.
+        self.strict_loading = not lora
+
+    # -- building ---------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer (left padding, a pad token distinct from the end-of-turn token)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        return self._tokenizer
+
+    def load_base_policy(self) -> PreTrainedModel:
+        """The policy before LoRA: ``init_from``'s weights when given, else ``model``'s."""
+        hp = self.hparams
+        if hp.init_from:
+            return load_initial_policy(hp.init_from, hp.dtype, hp.trust_remote_code)
+        return load_causal_lm(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+
+    def configure_model(self) -> None:
+        """Builds ``self.policy`` once (Lightning calls this before DDP wrapping and before restoring a checkpoint)."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        policy = self.load_base_policy()
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = False
+        if hp.lora:
+            if hp.gradient_checkpointing:
+                policy.enable_input_require_grads()
+            policy = apply_lora(policy, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
+                                target_modules=hp.lora_target_modules)
+        self.policy = policy.train()  # from_pretrained returns eval mode; PPO switches dropout off itself
+        self.build_extra()
+
+    def build_extra(self) -> None:
+        """Hook for subclasses: build the parts that depend on the policy (value head, reference, reward model)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def checkpoint_keys(self) -> set[str] | None:
+        """The ``state_dict`` keys a checkpoint keeps; ``None`` keeps them all (no LoRA).
+
+        Subclasses drop parts that are rebuilt, never trained (a frozen reference copy, the reward model).
+        """
+        if not self.hparams.lora:
+            return None
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Hook for subclasses: mutable state beyond weights and optimizers (restored by :meth:`load_extra_state`)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`extra_state` returned."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint[MODULE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+        keep = self.checkpoint_keys()
+        if keep is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[STATE_KEY] = self.extra_state()
+        state = rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)  # every rank runs this hook; rank 0 writes the file
+            checkpoint[RNG_KEY] = states
+        else:
+            checkpoint[RNG_KEY] = [state]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_extra_state(checkpoint.get(STATE_KEY, {}))
+        states = checkpoint.get(RNG_KEY)
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":  # resuming, not evaluating
+            rank = self.trainer.global_rank
+            set_rng_state(states[rank] if rank < len(states) else states[0])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like ``nn.Module.load_state_dict``; without strictness it still insists on every weight a checkpoint keeps."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if not strict:
+            keep = self.checkpoint_keys()
+            missing = sorted(set(result.missing_keys) & keep) if keep is not None else result.missing_keys
+            if missing:
+                raise RuntimeError(f"checkpoint lacks trained weights: {missing[:5]} ({len(missing)} in all)")
+        return result

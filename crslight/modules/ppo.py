@@ -1,0 +1,423 @@
+"""PPO on conversations with a simulated user, against the reward model R_phi learned from implicit feedback.
+
+**What one step does.** Sample replies (``generate`` with the KV cache, stopping at the end-of-turn token) — for
+multi-turn episodes inside the simulator's :class:`~crslight.simulator.ConversationEnv`, where the user answers every
+reply and may accept a suggestion or leave; without a simulator, one reply to each prompt of the batch. Score every
+reply, compute the per-token KL to the reference policy, turn that into advantages, and take ``ppo_epochs`` passes
+of clipped minibatch updates over the batch. Then adapt beta, the KL weight.
+
+**The reward** of reply ``k`` of an episode is ``s_k = R_phi(context_k, reply_k) + sum_j w_j * signal_j`` — the reward
+model, plus optional direct signals of the user's reaction (``AcceptanceSignal``, ``DwellTimeSignal``, ...: what the
+simulator reports, NaN counted as 0). R_phi is the point of the project: it was trained on weak labels from real
+users' implicit feedback, so it carries that feedback to replies no user has seen. Direct signals are an option
+because in simulation they are free and exact; with none (the default) PPO only ever sees R_phi. Scores may be
+normalised by running statistics and clipped (``reward_normalization``, ``reward_clip``): R_phi's scale is arbitrary
+and one outlier reply should not dominate a batch.
+
+**Turns.** Each reply is its own sample (the exact token ids the policy saw and sampled); the episode links them by the
+turn-level return ``G_k = s_k + turn_discount * G_{k+1}``, which is the terminal reward of reply ``k``. The value head
+therefore learns the expected return-to-go of a dialogue state. We do not bootstrap across the user's turn with the
+value of the next state: episodes are at most a handful of turns, Monte-Carlo returns across them are cheap and
+unbiased, and within a reply GAE (``gamma``, ``lam``) does the token-level credit assignment.
+
+**The KL term.** ``r_t = -beta * KL_t`` on every reply token (k1 ``log pi - log pi_ref``, or the non-negative k3),
+``G_k`` on the last one (:func:`crslight.rl.per_token_rewards`). pi_ref is the starting (SFT) policy: with LoRA the
+same weights with the adapters switched off, without LoRA a frozen copy. This is what keeps PPO near the dialogues R_phi
+was trained on; without it the policy finds the replies R_phi over-scores. A fixed beta, or the adaptive controller of
+Ziegler et al. steering the per-reply KL to ``kl_target``.
+
+**The update.** Advantages by GAE, whitened over the batch's reply tokens; the clipped surrogate and the clipped value
+loss (``vf_coef``), token means, minibatches of ``minibatch_size`` replies split into micro-batches for gradient
+accumulation, gradient clipping, one AdamW for policy and value head. The value head reads the policy's last hidden
+state (shared backbone, no second model in memory) unless ``critic: separate``. Dropout stays off throughout, so the
+first minibatch's ratios are exactly 1.
+
+**GRPO** (``advantage_estimator: grpo``): no critic. Each start (prompt, or episode start with the same simulated
+user) is sampled ``group_size`` times; a reply's advantage is its episode's return standardised within the group, and
+the KL enters the loss (k3, weight beta) rather than the reward, as in DeepSeekMath.
+
+**Left out on purpose.** An entropy bonus (entropy is logged: a collapse shows), a reward for the simulator's rating
+beyond what signals give, value bootstrapping at truncated replies (``missing_eos_penalty`` instead), and per-token
+length normalisation. Each is a knob whose effect on a 135M recommender we have not measured.
+
+**DDP.** Every rank makes its own rollouts (episode ``i`` of step ``n`` on rank ``r`` has the index
+``(n * world + r) * b + i``, so ranks never repeat a user); generation stays in step across ranks
+(:mod:`crslight.modules.rollout`); gradients are averaged by DDP at every backward; statistics that steer training
+(KL, reward moments) are reduced over ranks so every rank takes the same decisions; logs use ``sync_dist``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from crslight.data.datamodules import PromptBatch
+from crslight.models.heads import ScalarHead
+from crslight.models.lora import apply_lora, disabled_adapters
+from crslight.modules.experience import Episodes, EpisodeSources, RunningMoments, collect_episodes, make_experience
+from crslight.modules.policy import Hidden, PolicyModule
+from crslight.modules.rollout import Samples, position_ids
+from crslight.modules.sft import warmup_cosine
+from crslight.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from crslight.signals.base import SignalExtractor
+
+
+class PPOModule(PolicyModule):
+    """PPO (or GRPO) fine-tuning of the policy against R_phi in simulated conversations; see the module docstring.
+
+    Args:
+        model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
+        init_from: The SFT policy to start from (and the KL reference): an ``SFTModule`` checkpoint or a folder.
+        reward_model: A ``RewardModule`` checkpoint (R_phi). ``None``: the reward is the direct signals alone.
+        reward_device: Device for R_phi (``cpu``, ``cuda:1``); ``None`` puts it with the policy.
+        signals: Direct reward signals by class name (``AcceptanceSignal`` ...), read from the simulated reactions.
+        signal_weights: One weight per signal (1.0 each when ``None``).
+        simulator: User simulator class (``PersonaSimulator``, ``GroundedSimulator``, ``auto`` for the dataset's
+            default); ``None`` trains single replies to the DataModule's prompts.
+        simulator_args: Keyword arguments of the simulator beside the catalogue.
+        max_turns: Replies per simulated episode at most.
+        env_seed: Seed of the episodes' draws (which dialogue, which user decisions).
+        max_new_tokens: Longest reply, in tokens.
+        temperature: Sampling temperature (the log-probs are those of the tempered distribution).
+        top_k: Top-k sampling, 0 for off. Log-probs ignore the truncation, so keep it off for exact PPO.
+        top_p: Nucleus sampling mass, 1.0 for off (same caveat).
+        ppo_epochs: Passes over each rollout batch.
+        minibatch_size: Replies per optimizer step.
+        micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
+        clip_range: Epsilon of the policy ratio clip.
+        value_clip: Largest move of a value from its rollout estimate that still lowers the value loss.
+        vf_coef: Weight of the value loss.
+        gamma: Discount per reply token.
+        lam: GAE lambda.
+        turn_discount: Discount of later turns' rewards in a reply's return.
+        whiten_advantages: Whiten GAE advantages over the batch's reply tokens (GRPO advantages are standardised already).
+        advantage_estimator: ``gae`` (PPO with a value head) or ``grpo`` (group-normalised, no critic).
+        group_size: GRPO: samples per start.
+        kl_estimator: Per-token KL estimator in the reward, ``k1`` or ``k3``.
+        kl_coef: Beta, the KL weight (the initial one when adaptive).
+        kl_target: Target KL per reply in nats; set it to adapt beta (Ziegler et al.), ``None`` for a fixed beta.
+        kl_horizon: Adaptive controller horizon, in replies.
+        reward_normalization: ``none``; ``scale`` divides scores by their running std; ``zscore`` also centres them.
+        reward_clip: Clip (normalised) scores to ``[-reward_clip, reward_clip]``; ``None`` for no clipping.
+        missing_eos_penalty: Added to the score of a reply cut at ``max_new_tokens`` (e.g. -1.0); ``None`` for none.
+        critic: ``shared``: the value head reads the policy's hidden states; ``separate``: a copy of the backbone.
+        lr: Learning rate (AdamW, after ``warmup_steps`` optimizer steps of linear warmup, then constant).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Optimizer steps of linear warmup.
+        gradient_clip_val: Clip the gradients' global norm; ``None`` or 0 for no clipping.
+        dtype: Parameter dtype of the policy; for bf16 autocast use ``trainer.precision: bf16-mixed``.
+        lora: Train LoRA adapters (the reference is then the same model with adapters off).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: Dropout on the adapters' input (keep 0: PPO ratios need a deterministic policy).
+        lora_target_modules: Modules to adapt.
+        gradient_checkpointing: Recompute activations in the backward pass.
+        trust_remote_code: Allow custom modelling code from the model folder.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        init_from: str | None = None,
+        reward_model: str | None = None,
+        reward_device: str | None = None,
+        signals: list[SignalExtractor] | None = None,
+        signal_weights: list[float] | None = None,
+        simulator: str | None = None,
+        simulator_args: dict[str, Any] | None = None,
+        max_turns: int = 3,
+        env_seed: int = 0,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        ppo_epochs: int = 2,
+        minibatch_size: int = 8,
+        micro_batch_size: int = 8,
+        clip_range: float = 0.2,
+        value_clip: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        turn_discount: float = 1.0,
+        whiten_advantages: bool = True,
+        advantage_estimator: Literal["gae", "grpo"] = "gae",
+        group_size: int = 4,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        reward_normalization: Literal["none", "scale", "zscore"] = "none",
+        reward_clip: float | None = None,
+        missing_eos_penalty: float | None = None,
+        critic: Literal["shared", "separate"] = "shared",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        gradient_clip_val: float | None = 1.0,
+        dtype: str = "float32",
+        lora: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = "all-linear",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
+                         gradient_checkpointing, trust_remote_code)
+        if micro_batch_size < 1 or minibatch_size < micro_batch_size:
+            raise ValueError(f"need 1 <= micro_batch_size <= minibatch_size, got {micro_batch_size}, {minibatch_size}")
+        if signal_weights is not None and len(signal_weights) != len(signals or []):
+            raise ValueError(f"got {len(signal_weights)} signal_weights for {len(signals or [])} signals")
+        if advantage_estimator == "grpo" and group_size < 2:
+            raise ValueError("grpo needs group_size >= 2")
+        self.save_hyperparameters(ignore=["signals"])
+        self.signals = list(signals or [])
+        self.signal_weights = list(signal_weights) if signal_weights is not None else [1.0] * len(self.signals)
+        self.kl_controller = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target is not None
+                              else FixedKLController(kl_coef))
+        self.reward_moments = RunningMoments()
+        self.iterations = 0
+        self.value_head: ScalarHead | None = None
+        self.critic_backbone: torch.nn.Module | None = None
+        self._reference = Hidden()
+        self._reward = Hidden()
+        self._sources: EpisodeSources | None = None
+
+    # -- parts ------------------------------------------------------------------------------------------------------
+    @property
+    def uses_critic(self) -> bool:
+        return self.hparams.advantage_estimator == "gae"
+
+    def build_extra(self) -> None:
+        """Value head (and separate critic), and the reference when there is no LoRA to switch off."""
+        base = self.policy.get_base_model() if self.hparams.lora else self.policy
+        if self.uses_critic:
+            self.value_head = ScalarHead(base.config.hidden_size)
+            if self.hparams.critic == "separate":
+                backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
+                if self.hparams.lora:
+                    backbone = apply_lora(backbone, r=self.hparams.lora_r, alpha=self.hparams.lora_alpha,
+                                          dropout=self.hparams.lora_dropout,
+                                          target_modules=self.hparams.lora_target_modules)
+                self.critic_backbone = backbone
+        if not self.hparams.lora:
+            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self._reference = Hidden(reference)
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference policy (``None`` with LoRA: the policy with adapters off is the reference)."""
+        module = self._reference.module
+        if module is not None and next(module.parameters()).device != self.device:
+            module.to(self.device)
+        return module
+
+    @property
+    def reward_model(self):
+        """R_phi, loaded once from ``reward_model`` onto ``reward_device`` (``None`` when not configured)."""
+        if self._reward.module is None and self.hparams.reward_model:
+            from crslight.modules.reward import RewardModule
+
+            device = self.hparams.reward_device or self.device
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG (exact resume)
+                self._reward.module = RewardModule.load(self.hparams.reward_model, map_location=device).eval()
+        return self._reward.module
+
+    @property
+    def sources(self) -> EpisodeSources:
+        """The splits and simulator environments episodes are drawn from (built on first use)."""
+        if self._sources is None:
+            hp = self.hparams
+            self._sources = EpisodeSources(self.trainer.datamodule, hp.simulator, hp.simulator_args, hp.max_turns,
+                                           hp.env_seed)
+        return self._sources
+
+    # -- forward passes ---------------------------------------------------------------------------------------------
+    def forward(self, samples: Samples, values: bool = False, reference: bool = False):
+        """Logits ``(b, w, vocab)`` predicting the tokens at columns ``start..t-1`` (``w = t - start``), and values
+        ``(b, w)`` of the states before them (``None`` unless ``values``)."""
+        ids, mask = samples.input_ids.to(self.device), samples.attention_mask.to(self.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False,
+                  "logits_to_keep": ids.shape[1] - samples.start + 1}
+        if reference:
+            if self.reference is not None:
+                return self.reference(**kwargs).logits[:, :-1], None
+            with disabled_adapters(self.policy):
+                return self.policy(**kwargs).logits[:, :-1], None
+        shared = values and self.critic_backbone is None
+        out = self.policy(**kwargs, output_hidden_states=shared)
+        value = None
+        if values:
+            if shared:
+                hidden = out.hidden_states[-1]
+            else:
+                hidden = self.critic_backbone(input_ids=ids, attention_mask=mask,
+                                              position_ids=kwargs["position_ids"]).last_hidden_state
+            with torch.autocast(self.device.type, enabled=False):  # values in float32 even under bf16 autocast
+                value = self.value_head(hidden[:, samples.start - 1 : -1].float())
+        return out.logits[:, :-1], value
+
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        size = self.hparams.micro_batch_size
+        return [list(range(lo, min(n, lo + size))) for lo in range(0, n, size)]
+
+    @torch.no_grad()
+    def score_samples(self, samples: Samples) -> dict[str, torch.Tensor]:
+        """Rollout-time ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` on the reply grid ``(b, w)``."""
+        width = samples.input_ids.shape[1] - samples.start
+        out = defaultdict(list)
+        for rows in self._micro_batches(samples.input_ids.shape[0]):
+            part = samples.select(rows)
+            actions = part.input_ids[:, part.start :].to(self.device)
+            pad = width - actions.shape[1]
+            logits, values = self.forward(part, values=self.uses_critic)
+            entries = {"logprobs": logprobs_from_logits(logits, actions, self.hparams.temperature),
+                       "entropy": entropy_from_logits(logits / self.hparams.temperature)}
+            del logits
+            ref_logits, _ = self.forward(part, reference=True)
+            entries["ref_logprobs"] = logprobs_from_logits(ref_logits, actions, self.hparams.temperature)
+            del ref_logits
+            if values is not None:
+                entries["values"] = values.float()
+            for key, value in entries.items():
+                out[key].append(torch.nn.functional.pad(value, (0, pad)))
+        return {key: torch.cat(value) for key, value in out.items()}
+
+    # -- rollouts ---------------------------------------------------------------------------------------------------
+    def collect(self, batch: PromptBatch, stage: str = "fit", first_episode: int | None = None) -> Episodes:
+        """Samples replies (episodes in the simulator, or one reply per prompt) and scores them.
+
+        In training, this rank's episodes of step ``n`` are ``(n * world + rank) * b + i``: no user twice.
+        """
+        if first_episode is None:
+            first_episode = (self.iterations * self.trainer.world_size + self.trainer.global_rank) * len(batch[0])
+        return collect_episodes(self, batch, stage, first_episode)
+
+    def make_experience(self, batch: PromptBatch) -> tuple[Episodes, dict[str, torch.Tensor]]:
+        """Rollout, scores, KL, advantages and returns for one PPO step (:func:`~crslight.modules.experience.
+        make_experience`)."""
+        return make_experience(self, batch)
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        episodes, exp = self.make_experience(batch)
+        stats = self.update(episodes.samples, exp)
+        mask = exp["mask"]
+        kl_per_reply = masked_sum(exp["kl"], mask, 1)
+        mean_kl = self.trainer.strategy.reduce(kl_per_reply.mean(), reduce_op="mean")
+        self.kl_controller.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)
+        self.iterations += 1
+        metrics = {
+            **episodes.metrics,
+            "kl": kl_per_reply.mean(),
+            "kl_coef": torch.tensor(self.kl_controller.value),
+            "entropy": masked_mean(exp["entropy"], mask),
+            "response_length": mask.sum(1).float().mean(),
+            "return": exp["returns_per_reply"].mean(),
+            "advantage_std": exp["advantages"][mask].std() if mask.sum() > 1 else torch.tensor(0.0),
+            **stats,
+        }
+        if self.uses_critic:
+            metrics["value"] = masked_mean(exp["values"], mask)
+        progress = {"reward", "kl", "accept"}
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+            self.log(f"train/{key}", value, prog_bar=key in progress, sync_dist=True, batch_size=mask.shape[0])
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Episodes of the current policy on the eval split (the same episodes at every validation): ``val/reward``
+        (mean R_phi), ``val/accept``, ``val/satisfaction``, ``val/kl`` (per reply, to the reference) and more."""
+        b = len(batch.input_ids)
+        episodes = self.collect(batch, "validate", (batch_idx * self.trainer.world_size + self.trainer.global_rank) * b)
+        exp = self.score_samples(episodes.samples)
+        mask = episodes.samples.response_mask[:, episodes.samples.start :].to(self.device).bool()
+        kl = masked_sum(kl_penalty(exp["logprobs"], exp["ref_logprobs"], "k1"), mask, 1)
+        metrics = {**episodes.metrics, "kl": kl.mean(), "response_length": mask.sum(1).float().mean(),
+                   "entropy": masked_mean(exp["entropy"], mask)}
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+            self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True, batch_size=b)
+
+    def update(self, samples: Samples, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``ppo_epochs`` passes of clipped minibatch updates; returns the mean losses and diagnostics."""
+        hp = self.hparams
+        opt = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n = samples.input_ids.shape[0]
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(n).tolist()
+            for lo in range(0, n, hp.minibatch_size):
+                minibatch = order[lo : lo + hp.minibatch_size]
+                for m in range(0, len(minibatch), hp.micro_batch_size):
+                    rows = minibatch[m : m + hp.micro_batch_size]
+                    losses = self.micro_step(samples, exp, rows)
+                    self.manual_backward(losses["loss"] * len(rows) / len(minibatch))
+                    for key, value in losses.items():
+                        sums[key] += float(value.detach())
+                    count += 1
+                if hp.gradient_clip_val:
+                    self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad()
+                scheduler.step()
+        return {key: torch.tensor(value / count) for key, value in sums.items()}
+
+    def micro_step(self, samples: Samples, exp: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch (with grad)."""
+        hp = self.hparams
+        part = samples.select(rows)
+        actions = part.input_ids[:, part.start :].to(self.device)
+        width = actions.shape[1]
+        pick = {key: value[rows][:, :width] for key, value in exp.items() if value.dim() == 2}
+        mask = pick["mask"]
+        logits, values = self.forward(part, values=self.uses_critic)
+        logprobs = logprobs_from_logits(logits, actions, hp.temperature)
+        policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick["logprobs"], pick["advantages"], mask,
+                                                           hp.clip_range)
+        out = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
+        loss = policy_loss
+        if self.uses_critic:
+            value_loss = ppo_value_loss(values, pick["values"], pick["returns"], mask, hp.value_clip)
+            loss = loss + hp.vf_coef * value_loss
+            out["value_loss"] = value_loss.detach()
+        elif self.kl_controller.value > 0:
+            kl = masked_mean(kl_penalty(logprobs, pick["ref_logprobs"], "k3"), mask)
+            loss = loss + self.kl_controller.value * kl
+        out["loss"] = loss
+        return out
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, 1, 1.0, "constant"))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
+                "iterations": self.iterations}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+            self.reward_moments.load_state_dict(state["reward_moments"])
+            self.iterations = int(state["iterations"])
+

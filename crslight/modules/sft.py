@@ -1,0 +1,165 @@
+"""Supervised fine-tuning of the policy on the recommender's turns: the "traditional SFT" baseline and PPO's warm start.
+
+The loss is the token-mean cross-entropy over the recommender's tokens only (``SFTBatch.labels`` is ``-100`` on the
+system prompt, the seeker's turns, role headers and padding), so the model learns to answer like the recommender and
+never to imitate the user. Optimization is manual, the Lightning way (one optimizer step per
+``accumulate_grad_batches`` batches, gradient clipping, a warmup + cosine LR schedule stepped by hand), which keeps
+SFT, reward-model and PPO training on the same footing. Validation reports the token-weighted loss over the whole
+split and its perplexity.
+
+Mixed precision is the Trainer's: ``trainer.precision: bf16-mixed`` runs every forward under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
+from crslight.modules.policy import PolicyModule
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean next-token cross-entropy over the positions whose label is not ``-100``.
+
+    Args:
+        logits: ``(b, t, vocab)``.
+        labels: ``(b, t)`` unshifted labels (position ``i`` is predicted from position ``i - 1``).
+
+    Returns:
+        ``(loss, n_tokens)``: the mean (0 when no token counts) and how many tokens it averages.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n_tokens = (shift_labels != IGNORE_INDEX).sum()
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / n_tokens.clamp(min=1), n_tokens
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str):
+    """The LR multiplier per optimizer step: linear warmup, then constant, linear or cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+    return factor
+
+
+class SFTModule(PolicyModule):
+    """Fine-tunes the policy on recommender turns (``task: sft`` batches); see the module docstring.
+
+    Args:
+        model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
+        init_from: Start from these weights instead of ``model``'s: a crslight checkpoint (LoRA merged) or a folder.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: Optimizer steps of linear warmup.
+        lr_schedule: After warmup: ``constant``, ``linear`` or ``cosine`` decay over the run's optimizer steps.
+        min_lr_ratio: The decay ends at ``lr * min_lr_ratio``.
+        accumulate_grad_batches: Batches per optimizer step (gradient accumulation).
+        gradient_clip_val: Clip the gradients' global norm to this; ``None`` or 0 for no clipping.
+        dtype: Parameter dtype of the policy; for bf16 autocast use ``trainer.precision: bf16-mixed``.
+        lora: Train LoRA adapters instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: Dropout on the adapters' input.
+        lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
+        trust_remote_code: Allow custom modelling code from the model folder.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        init_from: str | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        dtype: str = "float32",
+        lora: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str | None = "all-linear",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
+                         gradient_checkpointing, trust_remote_code)
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.save_hyperparameters()
+        self.val_loss = MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The policy's logits ``(b, t, vocab)``."""
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, n_tokens)`` of a batch: cross-entropy on the recommender's tokens only."""
+        return lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        accumulate = self.hparams.accumulate_grad_batches
+        loss, n_tokens = self.loss(batch)
+        self.manual_backward(loss / accumulate)
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if (batch_idx + 1) % accumulate == 0 or last:
+            if self.hparams.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val,
+                                    gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+            self.lr_schedulers().step()
+        loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/ppl", torch.exp(loss), sync_dist=True)
+        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", sync_dist=True)
+        self.log("train/lr", opt.param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: SFTBatch, batch_idx: int) -> None:
+        loss, n_tokens = self.loss(batch)
+        if n_tokens > 0:
+            self.val_loss.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # token-weighted over the whole split, reduced over ranks
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        batches = self.trainer.estimated_stepping_batches
+        return max(1, math.ceil(batches / self.hparams.accumulate_grad_batches)) if math.isfinite(batches) else 1
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.total_optimizer_steps() if self._trainer is not None else 1
+        sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio, hp.lr_schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

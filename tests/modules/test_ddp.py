@@ -1,0 +1,92 @@
+"""DDP on CPU (gloo, 2 processes): ranks make their own rollouts, generation stays in step, parameters stay identical."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from crslight.models import tiny_causal_lm
+
+PPO_SCRIPT = """
+import sys
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from crslight.data.datamodules import Synthetic
+from crslight.modules.ppo import PPOModule
+from crslight.signals import AcceptanceSignal
+
+policy, out = sys.argv[1], sys.argv[2]
+seed_everything(0)  # the same seed on both ranks: only their own prompts and episodes make them differ
+data = Synthetic(task="prompts", tokenizer=policy, n_dialogues=40, batch_size=2, max_length=96)
+module = PPOModule(model=policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator",
+                   simulator_args={"leave_step": 0.5}, max_turns=2, max_new_tokens=6, minibatch_size=2,
+                   micro_batch_size=1, ppo_epochs=1, lr=1e-3, kl_target=1.0, kl_horizon=10)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+                  limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+episodes = []
+collect = module.collect
+def recording_collect(batch, *args):
+    out = collect(batch, *args)
+    episodes.append(out.scores.tolist() + out.samples.input_ids.sum(1).tolist())
+    return out
+module.collect = recording_collect
+trainer.fit(module, data)
+state = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+# ranks that need unequal numbers of generation rounds: rank 1 joins rank 0's extra rounds with a dummy prompt
+import torch.distributed as dist
+from transformers import GenerationConfig
+from crslight.modules.rollout import Sampler
+assert dist.is_initialized()
+config = GenerationConfig(do_sample=True, max_new_tokens=4 + 3 * trainer.global_rank, eos_token_id=2, pad_token_id=0)
+sampler = Sampler(module.policy, config, synced=True)
+for _ in range(3 if trainer.global_rank == 0 else 1):
+    sampler([[1, 5, 7], [9]])
+sampler.drain()
+dist.barrier()
+torch.save({"params": state, "kl_coef": module.kl_controller.value, "episodes": episodes, "calls": sampler.calls,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
+           f"{out}/rank{trainer.global_rank}.pt")
+"""
+
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _run(script: str, folder, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Runs ``script`` as a file (Lightning's DDP launcher starts rank 1 by re-running the same command)."""
+    path = folder / "script.py"
+    path.write_text(textwrap.dedent(script))
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_ppo_ranks_stay_identical(tiny_policy, tmp_path):
+    _run(PPO_SCRIPT, tmp_path, tiny_policy, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    first, second = ranks[0]["params"], ranks[1]["params"]
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between ranks"
+    # training moved the policy, from rollouts each rank made on its own, and both took the same KL decisions
+    initial = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
+    assert not torch.equal(first["policy.model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
+    assert ranks[0]["episodes"] != ranks[1]["episodes"]
+    assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"] != 0.05
+
+    # and the synchronised sampler let rank 1 (one round of its own) through rank 0's three rounds
+    assert [r["calls"] for r in ranks] == [3, 1]

@@ -1,0 +1,192 @@
+"""PPOModule: short runs on the synthetic scenario with a tiny policy and a tiny R_phi, and its rollout pieces."""
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from crslight.data.datamodules import Synthetic
+from crslight.models import tiny_causal_lm
+from crslight.modules.experience import RunningMoments, turn_returns
+from crslight.modules.ppo import PPOModule
+from crslight.modules.reward import RewardModule
+from crslight.modules.rollout import Recorder, Sampler, pack
+from crslight.signals import AcceptanceSignal
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tiny_policy, tmp_path_factory):
+    """An untrained tiny R_phi saved as a checkpoint, as ``crslight fit`` would write it."""
+    module = RewardModule(backbone="tiny")  # a random 2-layer Llama over the SmolLM2 tokenizer
+    path = tmp_path_factory.mktemp("reward") / "reward.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return str(path)
+
+
+def _fit(module, policy, steps=2, batch_size=4):
+    seed_everything(0)
+    data = Synthetic(task="prompts", tokenizer=policy, n_dialogues=30, batch_size=batch_size, max_length=96)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=steps, limit_val_batches=1,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    trainer.fit(module, data)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lora": True, "lora_r": 4, "simulator": "PersonaSimulator", "signals": [AcceptanceSignal()]},
+        {"critic": "separate", "reward_normalization": "zscore", "reward_clip": 3.0, "missing_eos_penalty": -1.0},
+        {"advantage_estimator": "grpo", "group_size": 2, "simulator": "PersonaSimulator", "kl_estimator": "k3"},
+    ],
+    ids=["lora-simulator", "single-turn-separate-critic", "grpo"],
+)
+def test_ppo_smoke(tiny_policy, tiny_reward, options):
+    module = PPOModule(model=tiny_policy, reward_model=tiny_reward, max_turns=2, max_new_tokens=8, minibatch_size=4,
+                       micro_batch_size=2, ppo_epochs=2, lr=1e-3, kl_target=2.0, **options)
+    module.configure_model()
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    trainer = _fit(module, tiny_policy)
+    assert trainer.global_step > 0
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+    metrics = {k.removeprefix("train/"): v.item() for k, v in trainer.callback_metrics.items() if "val/" not in k}
+    expected = {"reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "response_length", "policy_loss"}
+    if options.get("simulator"):
+        expected |= {"accept", "satisfaction", "turns"}
+    if options.get("advantage_estimator") != "grpo":
+        expected |= {"value_loss", "value"}
+    assert expected <= metrics.keys()
+    assert {f"val/{key}" for key in ("reward", "kl", "response_length")} <= trainer.callback_metrics.keys()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert 0 < metrics["response_length"] <= 8
+    assert module.iterations == 2 and metrics["kl_coef"] != 0.05
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
+def test_reference_equals_policy_at_start(tiny_policy, tiny_tokenizer, lora):
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], lora=lora, lora_r=4, micro_batch_size=2)
+    module.configure_model()
+    prompts = [tiny_tokenizer("Hi, a comedy please")["input_ids"], tiny_tokenizer("Something calm?")["input_ids"][:3]]
+    replies = [[100, 200, 2], [300, 2]]
+    samples = pack(prompts, replies, tiny_tokenizer.pad_token_id)
+    exp = module.score_samples(samples)
+    mask = samples.response_mask[:, samples.start :].bool()
+    assert torch.equal(exp["logprobs"][mask], exp["ref_logprobs"][mask])
+    assert exp["values"].shape == mask.shape
+    # the reference costs no second model with LoRA, and the value head rides on the policy's backbone
+    policy_size = sum(p.numel() for p in module.policy.parameters())
+    assert sum(p.numel() for p in module.parameters()) == policy_size + module.value_head.proj.weight.numel() + 1
+    assert (module.reference is None) == lora
+
+
+def test_pack_lays_replies_out_from_one_column():
+    samples = pack([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert samples.start == 3
+    assert samples.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert samples.response_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    assert samples.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    one = samples.select([0])  # padding columns dropped on both sides
+    assert one.input_ids.tolist() == [[5, 6, 7, 1, 2]] and one.start == 3
+    two = samples.select([1])
+    assert two.input_ids.tolist() == [[8, 3, 4, 9]] and two.start == 1
+
+
+def test_turn_returns_by_hand():
+    # episode 0: scores [1, 0, 2] over turns 0..2 with discount 0.5 -> G2 = 2, G1 = 1, G0 = 1.5; episode 1: one turn
+    scores = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    returns = turn_returns(scores, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0]), discount=0.5)
+    assert returns.tolist() == [1.5, 1.0, 2.0, -1.0]
+
+
+def test_running_moments_match_the_whole_sample():
+    moments = RunningMoments()
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, -3.0])
+    moments.update(values[:2])
+    moments.update(values[2:])
+    assert moments.mean == pytest.approx(values.mean().item())
+    assert moments.std == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+
+
+class _FakeLM:
+    """``generate`` that appends fixed continuations; enough to check the sampler's cutting."""
+
+    def __init__(self, continuations):
+        self.continuations = continuations
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+        tail = torch.tensor(self.continuations[: input_ids.shape[0]])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_sampler_stops_at_end_of_turn():
+    config = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    sampler = Sampler(_FakeLM([[5, 2, 0, 0], [5, 6, 7, 8]]), config)
+    assert sampler([[9, 9], [9]]) == [[5, 2], [5, 6, 7, 8]]  # the end-of-turn token is kept; a cut reply has none
+
+
+def test_recorder_matches_replies_to_episode_steps():
+    recorder = Recorder(encode=lambda turns: [len(turns)], sample=lambda prompts: [[p[0], 2] for p in prompts],
+                        decode=lambda ids: f"reply{ids[0]}")
+    recorder([[{}], [{}, {}]])  # step 0: episodes 0 and 1
+    recorder([[{}, {}, {}]])  # step 1: episode 1 only
+    episodes = [SimpleNamespace(index=0, transitions=[SimpleNamespace(reply="reply1")]),
+                SimpleNamespace(index=1, transitions=[SimpleNamespace(reply="reply2"), SimpleNamespace(reply="reply3")])]
+    steps = recorder.match(episodes)
+    assert [[prompt for prompt, _, _ in s] for s in steps] == [[[1]], [[2], [3]]]
+    episodes[1].transitions[1].reply = "something else"
+    with pytest.raises(RuntimeError, match="does not match"):
+        recorder.match(episodes)
+
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(REPO.glob("configs/*/ppo.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.parent.name for p in CONFIGS])
+def test_ppo_configs_instantiate(path, monkeypatch):
+    from jsonargparse import set_docstring_parse_options
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from crslight.lightning_cli import CRSLightningCLI, _import_parts
+    from crslight.simulator import simulator_class
+
+    monkeypatch.chdir(REPO)
+    set_docstring_parse_options(attribute_docstrings=True)
+    _import_parts()
+    cli = CRSLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, auto_configure_optimizers=False, args=["-c", str(path), "--trainer.logger=false"])
+    module = cli.model
+    assert isinstance(module, PPOModule) and cli.datamodule.task == "prompts"
+    assert module.hparams.init_from.startswith("runs/sft/") and module.hparams.reward_model.startswith("runs/reward/")
+    assert module.hparams.simulator == "auto" or simulator_class(module.hparams.simulator)
+    assert len(module.signals) == len(module.signal_weights)
+    assert len(CONFIGS) == 3

@@ -1,0 +1,127 @@
+"""SFTModule: the loss reads only the recommender's tokens, and a short fit lowers it and moves every trainable weight."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer, seed_everything
+
+from crslight.data.datamodules import IGNORE_INDEX, Synthetic
+from crslight.models import tiny_causal_lm
+from crslight.modules.sft import SFTModule, lm_loss, warmup_cosine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    """A folder with a tiny random Llama and the SmolLM2 tokenizer (what ``model:`` points at in a config)."""
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_lm_loss_by_hand():
+    # vocabulary 3, one row of 4 positions; only the labels at positions 1 and 3 count (read from logits 0 and 2)
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [9.0, 9.0, 9.0], [0.0, 0.0, 1.0], [5.0, -5.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, 0, IGNORE_INDEX, 2]])
+    loss, n_tokens = lm_loss(logits, labels)
+    # CE(logits[0], 0) = log(e^2 + 2) - 2 = 0.2395;  CE(logits[2], 2) = log(2 + e) - 1 = 0.5514;  mean 0.3954
+    expected = (math.log(math.e**2 + 2) - 2 + math.log(2 + math.e) - 1) / 2
+    assert n_tokens == 2
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    loss.backward()
+    # logits at positions 1 and 3 predict ignored (or no) labels: no gradient reaches them
+    assert logits.grad[0, 1].abs().sum() == 0 and logits.grad[0, 3].abs().sum() == 0
+
+
+def test_loss_counts_only_recommender_tokens(tiny_policy):
+    dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=10, batch_size=2, max_length=512)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    module = SFTModule(model=tiny_policy)
+    module.configure_model()
+    module.policy.eval()
+    loss, n_tokens = module.loss(batch)
+    # the same loss, by hand: per-token cross-entropy of every position, kept only where the label is a token
+    logits = module(batch.input_ids, batch.attention_mask)[:, :-1]
+    targets = batch.labels[:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    keep = targets != IGNORE_INDEX
+    assert n_tokens == keep.sum() and 0 < keep.sum() < (batch.attention_mask[:, 1:] == 1).sum()
+    assert loss.item() == pytest.approx(per_token[keep].mean().item(), rel=1e-5)
+    # the learned tokens are the recommender's replies and nothing of the seeker's turns or the system prompt
+    learned = dm.tokenizer.decode(batch.labels[0][batch.labels[0] != IGNORE_INDEX])
+    whole = dm.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+    replies = [part.removeprefix("assistant\n") for part in whole.split("<|im_start|>") if part.startswith("assistant")]
+    assert replies and learned == "".join(replies)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fit_lowers_the_loss_and_moves_every_trainable_weight(tiny_policy, lora):
+    seed_everything(0)
+    dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=8, batch_size=2, max_length=96, max_samples=8)
+    module = SFTModule(model=tiny_policy, lr=1e-2 if lora else 3e-3, accumulate_grad_batches=2, warmup_steps=1,
+                       lora=lora, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    module.configure_model()
+    dm.setup("fit")
+    probe = next(iter(dm.val_dataloader()))
+    module.policy.eval()
+    with torch.no_grad():
+        before_loss = module.loss(probe)[0].item()
+    module.policy.train()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(module, dm)
+    # 4 batches per epoch, 2 per optimizer step: max_steps-style counting of optimizer steps
+    assert trainer.global_step == 3 * 2
+    module.policy.eval()
+    with torch.no_grad():
+        after_loss = module.loss(probe)[0].item()
+    assert after_loss < before_loss - 0.1
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+    if lora:
+        assert all("lora_" in n for n in before), "only the adapters train with LoRA"
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "train/ppl", "val/loss", "val/ppl"} <= metrics.keys()
+    assert metrics["val/ppl"].item() == pytest.approx(math.exp(metrics["val/loss"].item()), rel=1e-4)
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(warmup_steps=2, total_steps=6, min_lr_ratio=0.1, schedule="cosine")
+    # warmup 1/2, 2/2; then cosine from 1 down to 0.1 over steps 2..6
+    assert [round(factor(s), 4) for s in (0, 1, 2, 4, 6)] == [0.5, 1.0, 1.0, 0.55, 0.1]
+
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(REPO.glob("configs/*/sft.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.parent.name for p in CONFIGS])
+def test_sft_configs_instantiate(path, monkeypatch):
+    from jsonargparse import set_docstring_parse_options
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from crslight.lightning_cli import CRSLightningCLI, _import_parts
+
+    monkeypatch.chdir(REPO)
+    set_docstring_parse_options(attribute_docstrings=True)
+    _import_parts()
+    cli = CRSLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, auto_configure_optimizers=False, args=["-c", str(path), "--trainer.logger=false"])
+    assert isinstance(cli.model, SFTModule) and cli.model.policy is None  # the policy loads in configure_model
+    assert cli.datamodule.task == "sft" and cli.datamodule.tokenizer_name == cli.model.hparams.model
+    assert len(CONFIGS) == 3

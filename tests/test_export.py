@@ -1,0 +1,77 @@
+"""``crslight export``: a checkpoint becomes a transformers folder that loads and generates like the trained policy."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from crslight.cli import main
+from crslight.data.datamodules import Synthetic
+from crslight.export import export
+from crslight.models import tiny_causal_lm
+from crslight.modules.policy import merge_lora
+from crslight.modules.ppo import PPOModule
+from crslight.modules.sft import SFTModule
+from crslight.signals import AcceptanceSignal
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _train_and_save(module, task, policy, path):
+    seed_everything(0)
+    data = Synthetic(task=task, tokenizer=policy, n_dialogues=20, batch_size=2, max_length=96)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(path)
+    return module
+
+
+def _check_round_trip(module, out, tokenizer):
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "A calm movie, please."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    trained = merge_lora(module.policy).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded.chat_template == tokenizer.chat_template
+    generated = exported.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+    assert exported.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_export_merges_sft_lora(tiny_policy, tiny_tokenizer, tmp_path):
+    module = SFTModule(model=tiny_policy, lr=1e-2, lora=True, lora_r=4, lora_dropout=0.0)
+    module = _train_and_save(module, "sft", tiny_policy, tmp_path / "sft.ckpt")
+    assert export(tmp_path / "sft.ckpt", tmp_path / "out") == str(tmp_path / "out")
+    _check_round_trip(module, tmp_path / "out", tiny_tokenizer)
+    # LoRA did change the model: the export is not the base it started from
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight,
+                           AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[0].self_attn.q_proj.weight)
+
+
+def test_export_ppo_checkpoint_through_the_cli(tiny_policy, tiny_tokenizer, tmp_path, capsys):
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator", max_turns=1,
+                       max_new_tokens=4, minibatch_size=2, micro_batch_size=2, ppo_epochs=1, lr=1e-3)
+    module = _train_and_save(module, "prompts", tiny_policy, tmp_path / "ppo.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ppo.ckpt"), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    _check_round_trip(module, tmp_path / "out", tiny_tokenizer)
