@@ -109,12 +109,12 @@ def run_tool(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        return run_tool(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TOOLS:
+        return run_tool(args)
     from crslight.lightning_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

@@ -55,7 +55,15 @@ from crslight.data import synthetic
 from crslight.data.cache import cache_root
 from crslight.data.corpus import Corpus
 from crslight.data.schema import RECOMMENDER
-from crslight.signals import CompositeLabel, transitions
+from crslight.signals import (
+    AcceptanceSignal,
+    CompositeLabel,
+    DwellTimeSignal,
+    EngagementSignal,
+    SemanticRelevanceSignal,
+    SentimentShiftSignal,
+    transitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +74,8 @@ SPLIT_OFFSET = {"train": 0, "valid": 1, "test": 2}
 
 def default_label() -> CompositeLabel:
     """The five built-in signals with equal weights, z-scored (what a config without ``label`` gets)."""
-    from crslight.signals import (
-        AcceptanceSignal,
-        DwellTimeSignal,
-        EngagementSignal,
-        SemanticRelevanceSignal,
-        SentimentShiftSignal,
-    )
-
-    signals = [DwellTimeSignal(), SentimentShiftSignal(), EngagementSignal(), AcceptanceSignal(),
-               SemanticRelevanceSignal()]
-    return CompositeLabel(signals)
+    return CompositeLabel([DwellTimeSignal(), SentimentShiftSignal(), EngagementSignal(), AcceptanceSignal(),
+                           SemanticRelevanceSignal()])
 
 
 @dataclass
@@ -453,7 +452,3 @@ def make_pair_data(corpus_of: Callable[[str], Corpus], split: str, options: Pair
     log.info("reward pairs %s/%s: %s", corpus.name, split, data.counts())
     return data
 
-
-__all__ = ["PAIR_KINDS", "Group", "PairData", "PairOptions", "RewardBatch", "RewardSample", "build_pairs", "collate",
-           "composite_labels", "default_label", "fitted_label", "make_pair_data", "pair_loader", "render_context", "signal_values",
-           "transition_index"]

@@ -97,6 +97,11 @@ class ConversationEvaluator(nn.Module):
             out["coherence"] = self.coherence.compute()
         return out
 
+    def reset(self) -> None:
+        for metric in (self.satisfaction, self.acceptance, self.turns, self.distinct, self.coherence):
+            if metric is not None:
+                metric.reset()
+
 
 def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, root: str | None = None,
                  rank: int = 0, world_size: int = 1, batch_size: int = 16) -> list:

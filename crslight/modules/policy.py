@@ -31,6 +31,8 @@ from transformers import PreTrainedModel
 
 from crslight.models.loading import load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
+from crslight.models.retrieval import ItemHead
+from crslight.modules.evaluation import PolicyEvaluator, catalogue_names
 
 MODULE_KEY = "crslight_module"
 STATE_KEY = "crslight_state"
@@ -99,15 +101,18 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def load_initial_policy(init_from: str, dtype: str | torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_initial_policy(
+    init_from: str, dtype: str | torch.dtype, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, ItemHead | None]:
     """The starting policy: a crslight checkpoint (``.ckpt``, or the newest under a run folder; LoRA merged) or a
-    transformers folder / alias."""
+    transformers folder / alias; with the checkpoint's item-ranking head when it has one."""
     checkpoint = find_checkpoint(init_from)
     if checkpoint is not None:
         module = load_policy_checkpoint(checkpoint)
         policy = merge_lora(module.policy)
-        return policy.to(dtype=getattr(torch, str(dtype).removeprefix("torch."))) if dtype != "auto" else policy
-    return load_causal_lm(init_from, dtype=dtype, trust_remote_code=trust_remote_code)
+        policy = policy.to(dtype=getattr(torch, str(dtype).removeprefix("torch."))) if dtype != "auto" else policy
+        return policy, module.item_head
+    return load_causal_lm(init_from, dtype=dtype, trust_remote_code=trust_remote_code), None
 
 
 class Hidden:
@@ -119,6 +124,10 @@ class Hidden:
 
 class PolicyModule(LightningModule):
     """Base of the modules that train a causal LM ``policy`` (see the module docstring).
+
+    ``item_head`` ranks the catalogue from the policy's hidden states (``crslight.models.retrieval``); it is built for
+    the DataModule's catalogue, carried over from an ``init_from`` checkpoint, and trained only where
+    ``trains_item_head`` (SFT).
 
     Args:
         model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
@@ -133,6 +142,8 @@ class PolicyModule(LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         trust_remote_code: Allow custom modelling code from the model folder.
     """
+
+    trains_item_head = False
 
     def __init__(
         self,
@@ -150,6 +161,8 @@ class PolicyModule(LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.policy: PreTrainedModel | None = None
+        self.item_head: ItemHead | None = None
+        self.evaluator: PolicyEvaluator | None = None
         self._tokenizer = None
         # With LoRA a checkpoint holds only the trainable weights; the frozen base comes back from model / init_from.
         self.strict_loading = not lora
@@ -166,7 +179,8 @@ class PolicyModule(LightningModule):
         """The policy before LoRA: ``init_from``'s weights when given, else ``model``'s."""
         hp = self.hparams
         if hp.init_from:
-            return load_initial_policy(hp.init_from, hp.dtype, hp.trust_remote_code)
+            policy, self.item_head = load_initial_policy(hp.init_from, hp.dtype, hp.trust_remote_code)
+            return policy
         return load_causal_lm(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
 
     def configure_model(self) -> None:
@@ -185,6 +199,12 @@ class PolicyModule(LightningModule):
                                 target_modules=hp.lora_target_modules)
         self.policy = policy.train()  # from_pretrained returns eval mode; PPO switches dropout off itself
         self.build_extra()
+        if self.item_head is None:
+            names = catalogue_names(self)
+            if names is not None:  # the ranking head over the DataModule's catalogue (crslight.models.retrieval)
+                self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, names)
+        if self.item_head is not None:
+            self.item_head.requires_grad_(self.trains_item_head)
 
     def build_extra(self) -> None:
         """Hook for subclasses: build the parts that depend on the policy (value head, reference, reward model)."""
@@ -200,7 +220,8 @@ class PolicyModule(LightningModule):
         """
         if not self.hparams.lora:
             return None
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        return keep | {name for name in self.state_dict() if name.startswith("item_head.")}
 
     def extra_state(self) -> dict[str, Any]:
         """Hook for subclasses: mutable state beyond weights and optimizers (restored by :meth:`load_extra_state`)."""
@@ -225,6 +246,9 @@ class PolicyModule(LightningModule):
             checkpoint[RNG_KEY] = [state]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        if self.item_head is None and "item_head.title_ids" in state:
+            self.item_head = ItemHead.from_state_dict(state, prefix="item_head.")
         self.load_extra_state(checkpoint.get(STATE_KEY, {}))
         states = checkpoint.get(RNG_KEY)
         if states and self._trainer is not None and self.trainer.state.fn == "fit":  # resuming, not evaluating
@@ -240,3 +264,24 @@ class PolicyModule(LightningModule):
             if missing:
                 raise RuntimeError(f"checkpoint lacks trained weights: {missing[:5]} ({len(missing)} in all)")
         return result
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        if self.item_head is None:
+            raise RuntimeError("testing a policy needs a crslight DataModule (ReDial, OpenDialKG, Synthetic) for the "
+                               "catalogue its ranking head scores")
+        hp = self.hparams
+        self.evaluator = PolicyEvaluator(
+            len(self.item_head.title_offsets), episodes=hp.get("eval_episodes", 32),
+            max_turns=hp.get("eval_max_turns", 2), max_new_tokens=hp.get("eval_max_new_tokens", 40),
+        ).to(self.device)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Ranks the catalogue at every recommendation sample of a dialogue batch (``crslight.modules.evaluation``)."""
+        self.evaluator.step(self.policy, self.item_head, batch)
+
+    def on_test_epoch_end(self) -> None:
+        """Ranking metrics, then simulator episodes (satisfaction, coherence, distinct-2), logged as ``test/...``."""
+        metrics = self.evaluator.finish(self.policy, self.tokenizer, self.trainer.datamodule,
+                                        rank=self.global_rank, world_size=self.trainer.world_size)
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)  # torchmetrics reduced them

@@ -127,6 +127,9 @@ class PPOModule(PolicyModule):
         lora_target_modules: Modules to adapt.
         gradient_checkpointing: Recompute activations in the backward pass.
         trust_remote_code: Allow custom modelling code from the model folder.
+        eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
+        eval_max_turns: ``test``: policy replies per episode at most.
+        eval_max_new_tokens: ``test``: longest sampled reply.
     """
 
     def __init__(
@@ -177,6 +180,9 @@ class PPOModule(PolicyModule):
         lora_target_modules: list[str] | str | None = "all-linear",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        eval_episodes: int = 32,
+        eval_max_turns: int = 2,
+        eval_max_new_tokens: int = 40,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code)

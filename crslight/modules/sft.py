@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
+from crslight.models.retrieval import retrieval_loss
 from crslight.modules.policy import PolicyModule
 
 
@@ -79,7 +80,13 @@ class SFTModule(PolicyModule):
         lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
         trust_remote_code: Allow custom modelling code from the model folder.
+        ranking_loss_weight: Weight of the item-ranking head's catalogue cross-entropy beside the LM loss (0: off).
+        eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
+        eval_max_turns: ``test``: policy replies per episode at most.
+        eval_max_new_tokens: ``test``: longest sampled reply.
     """
+
+    trains_item_head = True
 
     def __init__(
         self,
@@ -101,6 +108,10 @@ class SFTModule(PolicyModule):
         lora_target_modules: list[str] | str | None = "all-linear",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        ranking_loss_weight: float = 1.0,
+        eval_episodes: int = 32,
+        eval_max_turns: int = 2,
+        eval_max_new_tokens: int = 40,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code)
@@ -114,8 +125,20 @@ class SFTModule(PolicyModule):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, n_tokens)`` of a batch: cross-entropy on the recommender's tokens only."""
-        return lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+        """``(loss, n_tokens)`` of a batch: cross-entropy on the recommender's tokens only, plus the ranking head's
+        catalogue cross-entropy at every recommendation sample (weight ``ranking_loss_weight``)."""
+        weight = self.hparams.ranking_loss_weight
+        if not weight or self.item_head is None:
+            return lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+        if batch.rec_row is None:  # no sample here: a zero term keeps every DDP rank's gradients in step
+            loss, n_tokens = lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+            return loss + 0.0 * sum(p.sum() for p in self.item_head.parameters()), n_tokens
+        out = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                          output_hidden_states=True)
+        loss, n_tokens = lm_loss(out.logits, batch.labels)
+        hidden = out.hidden_states[-1][batch.rec_row, batch.rec_position]  # post-norm: what the LM head reads
+        scores = self.item_head(hidden, self.policy.get_output_embeddings().weight)
+        return loss + weight * retrieval_loss(scores, batch.rec_target), n_tokens
 
     # -- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""``crslight test`` on a policy: ranking from its item head and simulator episodes, written to test_metrics.json."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from crslight.lightning_cli import run_lightning_cli
+from crslight.models import tiny_causal_lm
+from crslight.modules.sft import SFTModule
+
+EXPECTED = {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "recall@10_new", "item_coverage",
+            "satisfaction", "acceptance", "coherence", "distinct-2"}
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_policy_eval")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def cli_args(command, policy, root, *extra):
+    return [
+        command, "--seed_everything=0", "--model=SFTModule", f"--model.model={policy}", "--model.eval_episodes=3",
+        "--model.eval_max_turns=1", "--model.eval_max_new_tokens=8", "--model.lr=1e-2",
+        "--data=Synthetic", "--data.n_dialogues=10", "--data.n_items=40", f"--data.tokenizer={policy}",
+        "--data.batch_size=2", "--data.max_length=512", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={root}", *extra,
+    ]
+
+
+def test_test_writes_every_metric(tiny_policy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    run_lightning_cli(cli_args("test", tiny_policy, tmp_path))
+    files = list(tmp_path.rglob("test_metrics.json"))
+    assert len(files) == 1
+    metrics = json.loads(files[0].read_text())
+    assert EXPECTED <= {k.removeprefix("test/") for k in metrics}
+    assert all(v is None or math.isfinite(v) for v in metrics.values())
+    assert 0 <= metrics["test/recall@1"] <= metrics["test/recall@10"] <= metrics["test/recall@50"] <= 1
+    assert 1 <= metrics["test/satisfaction"] <= 5
+
+
+def test_sft_trains_the_ranking_head_and_a_checkpoint_keeps_it(tiny_policy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    cli = run_lightning_cli(cli_args("fit", tiny_policy, tmp_path, "--trainer.max_steps=3",
+                                     "--trainer.limit_val_batches=0"))
+    head = cli.model.item_head
+    assert head is not None and head.bias.abs().sum() > 0  # trained from zero
+    assert not torch.equal(head.proj.weight, torch.eye(head.proj.weight.shape[0]))
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    again = SFTModule.load_from_checkpoint(ckpt)
+    assert torch.equal(again.item_head.bias, head.bias) and torch.equal(again.item_head.title_ids, head.title_ids)
