@@ -2,7 +2,7 @@
 
 ``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
 ``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
-tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``.
+tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``ablate``.
 
 Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
 """
@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot")
+TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "ablate")
 
 
 def _json_default(value):
@@ -110,6 +110,10 @@ def run_tool(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
+        from crslight.ablation import main as ablate_main
+
+        return ablate_main(args[1:])
     if args and args[0] in TOOLS:
         return run_tool(args)
     from crslight.lightning_cli import run_lightning_cli
