@@ -28,8 +28,17 @@ from crslight.data.pairs import PAIR_KINDS, PairData, make_pair_data
 from crslight.rl.reward_losses import pairwise_accuracy
 
 
-def metrics(scores: list[torch.Tensor], data: PairData) -> dict[str, float]:
-    """The reward metrics of per-group sample scores (``scores[g][i]`` scores ``data.groups[g].samples[i]``)."""
+def _interval(values: torch.Tensor, stat, resamples: int, seed: int = 0) -> list[float]:
+    """A 95% percentile-bootstrap interval of ``stat`` over the rows of ``values``."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = [stat(values[torch.randint(len(values), (len(values),), generator=generator)]) for _ in range(resamples)]
+    low, high = torch.tensor(draws).quantile(torch.tensor([0.025, 0.975])).tolist()
+    return [round(low, 4), round(high, 4)]
+
+
+def metrics(scores: list[torch.Tensor], data: PairData, resamples: int = 0) -> dict[str, float]:
+    """The reward metrics of per-group sample scores (``scores[g][i]`` scores ``data.groups[g].samples[i]``), with
+    95% bootstrap intervals of accuracy and AUC when ``resamples`` > 0."""
     correct: dict[str, list[torch.Tensor]] = {kind: [] for kind in PAIR_KINDS}
     points, labels, liked_scores, liked = [], [], [], []
     for group, s in zip(data.groups, scores, strict=True):
@@ -43,12 +52,18 @@ def metrics(scores: list[torch.Tensor], data: PairData) -> dict[str, float]:
             liked += list(sample.liked)
     every = [x for values in correct.values() for x in values]
     out = {"pairwise_accuracy": float(torch.cat(every).mean()) if every else math.nan}
+    if every and resamples:
+        out["pairwise_accuracy_ci95"] = _interval(torch.cat(every), lambda x: float(x.mean()), resamples)
     out.update({f"pairwise_accuracy_{k}": float(torch.cat(v).mean()) for k, v in correct.items() if v})
     out["pairs"] = len(every)
     if len(points) > 1:
         out["spearman"] = float(spearman_corrcoef(torch.stack(points).float(), torch.tensor(labels)))
     if 0 < sum(liked) < len(liked):
-        out["auc_liked"] = float(binary_auroc(torch.stack(liked_scores).float(), torch.tensor(liked)))
+        answers = torch.stack([torch.stack(liked_scores).float(), torch.tensor(liked).float()], dim=1)
+        out["auc_liked"] = float(binary_auroc(answers[:, 0], answers[:, 1].long()))
+        if resamples:
+            out["auc_liked_ci95"] = _interval(answers, lambda x: float(binary_auroc(x[:, 0], x[:, 1].long())),
+                                              resamples)
         out["liked_answers"] = len(liked)
     return out
 
@@ -93,17 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", required=True, help="the reward config R_phi was trained with")
     parser.add_argument("--ckpt", default=None, help="R_phi: a .ckpt or a folder holding one (omit: baselines only)")
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     dm, data = load_data(args.config, args.split)
     corpus = dm.corpus(args.split)
     popularity = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["popularity"], strict=True))
     report = {"config": args.config, "split": args.split, "pair_counts": data.counts(), "scorers": {}}
-    report["scorers"]["reply_length"] = metrics(reply_length_scores(data), data)
-    report["scorers"]["item_popularity"] = metrics(popularity_scores(data, popularity), data)
+    report["scorers"]["reply_length"] = metrics(reply_length_scores(data), data, args.bootstrap)
+    report["scorers"]["item_popularity"] = metrics(popularity_scores(data, popularity), data, args.bootstrap)
     if args.ckpt:
         start = time.time()
-        report["scorers"]["R_phi"] = metrics(reward_model_scores(data, args.ckpt), data)
+        report["scorers"]["R_phi"] = metrics(reward_model_scores(data, args.ckpt), data, args.bootstrap)
         report["scorers"]["R_phi"]["scoring_seconds"] = round(time.time() - start, 1)
         report["ckpt"] = args.ckpt
     text = json.dumps(report, indent=2)
@@ -112,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("\n| scorer | pairwise accuracy | AUC (liked) | Spearman |\n|---|---|---|---|")
     for name, m in report["scorers"].items():
-        print(f"| {name} | {m['pairwise_accuracy']:.3f} | {m.get('auc_liked', math.nan):.3f} | "
-              f"{m.get('spearman', math.nan):.3f} |")
+        ci = {k: " [{:.3f}, {:.3f}]".format(*m[f"{k}_ci95"]) if f"{k}_ci95" in m else "" for k in
+              ("pairwise_accuracy", "auc_liked")}
+        print(f"| {name} | {m['pairwise_accuracy']:.3f}{ci['pairwise_accuracy']} | "
+              f"{m.get('auc_liked', math.nan):.3f}{ci['auc_liked']} | {m.get('spearman', math.nan):.3f} |")
     return 0
 
 

@@ -29,6 +29,12 @@ Pairs (chosen, rejected), all anchored in one dialogue and built deterministical
 Deliberately left out: pairs across dialogues with different contexts (their label difference is mostly the users'),
 and reactions inside the model input (see above). Samples built for a pair have label NaN: they never happened.
 
+On ReDial, ``ordered`` pairs raise R_phi's agreement with the label but bring its AUC against ``liked`` down to
+chance, so ``configs/redial/reward.yaml`` trains on ``swap`` and ``negative`` only (figures in ``docs/reward.md``).
+
+Layering: this is the one data module that reads :mod:`crslight.signals` (``transitions``, ``CompositeLabel``), because
+a pair's order *is* a signal label; signals import only the data schema, so there is no cycle.
+
 Labels and their raw signal values are cached per signal (``$CRSLIGHT_CACHE/signals``), keyed by the corpus and the
 signal's arguments, so re-runs, ``crslight test`` and ablations (:mod:`crslight.ablation`) do not recompute them.
 """

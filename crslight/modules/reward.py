@@ -2,10 +2,13 @@
 
 **What it scores.** R_phi(s_t, a_t) reads the dialogue so far (the last ``context_turns`` turns) and the recommender's
 reply, and returns one number: how well the seeker is expected to react. It never sees the reaction, so PPO can score
-a reply it has just generated. An encoder (MiniLM, the default: 22M parameters, fast on CPU) reads ``[CLS] context
-[SEP] reply [SEP]`` and is mean-pooled, as sentence-transformers trained it; a decoder (SmolLM2) reads
-``context\\nRecommender: reply<eos>`` and is read at the last real token, where causal attention has seen everything.
-The context is cut from the left and the reply from the right, so the reply always fits.
+a reply it has just generated. Two encodings. ``cross``: one input — an encoder (MiniLM: 22M parameters, fast on
+CPU) reads ``[CLS] context [SEP] reply [SEP]`` mean-pooled, a decoder (SmolLM2) reads ``context\\nRecommender:
+reply<eos>`` at its last real token, where causal attention has seen everything. ``siamese``: context and reply are
+encoded apart and mean-pooled, as sentence-transformers trained MiniLM, normalised to ``u`` and ``v``; the head reads
+``[u, v, u * v]`` and starts as the cosine ``u . v``, MiniLM's zero-shot relevance of the reply to the conversation,
+which on ReDial is the best single predictor of the seeker's ``liked`` answers that we found (docs/reward.md). The
+context is cut from the left and the reply from the right, so the reply always fits.
 
 **What it learns.** The pairs of :mod:`crslight.data.pairs` (same-context swaps and negatives, turns of one dialogue
 ordered by the composite implicit label) with the Bradley-Terry loss of :mod:`crslight.rl.reward_losses`, optionally
@@ -15,7 +18,8 @@ with a margin and TRL's reward-centring term; or pointwise regression on the lab
 linear warmup then cosine/linear decay stepped by hand (so ``trainer.max_steps`` counts optimizer steps). The head
 gets its own learning rate: it starts random while the backbone is pretrained. On two CPU cores the cost is the
 backbone's forward and backward; ``trainable_layers`` freezes the embeddings and lower layers (no backward through
-them), ``lora`` trains adapters instead, and ``bf16`` runs the forward under bfloat16 autocast.
+them; 0 freezes the whole backbone, the ReDial default), ``lora`` trains adapters instead, and ``bf16`` runs the
+forward under bfloat16 autocast.
 
 **Evaluation** (``val/...``, ``test/...``): pairwise accuracy (overall and per pair kind), Spearman correlation with the
 held-out composite labels of real replies, and AUROC of the reply's score against the questionnaire's ``liked``
@@ -109,7 +113,8 @@ class RewardModule(LightningModule):
         min_lr_ratio: The decay ends at ``lr * min_lr_ratio``.
         gradient_clip_val: Clip the gradients' global norm to this; None or 0 for no clipping.
         trainable_layers: Train only the top N transformer blocks (embeddings and lower blocks frozen); None trains
-            all. Ignored with ``lora``.
+            all; 0 freezes the backbone (only the head trains: no backward pass through the backbone). Ignored with
+            ``lora``.
         lora: Train LoRA adapters (and the head) instead of the backbone's weights.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
@@ -181,7 +186,8 @@ class RewardModule(LightningModule):
             model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
         elif trainable_layers is not None:
             self._freeze_lower(model, trainable_layers)
-        self.backbone = model.train()  # from_pretrained returns eval mode; fine-tuning keeps the config's dropout
+        # from_pretrained returns eval mode: a backbone that trains gets its dropout back; a frozen one stays deterministic
+        self.backbone = model.train(any(p.requires_grad for p in model.parameters()))
         hidden = model.config.hidden_size
         self.head = ScalarHead(3 * hidden if encoding == "siamese" else hidden, dropout=head_dropout)
         if encoding == "siamese":  # start as the backbone's cosine similarity of context and reply: sum(u * v)
@@ -204,7 +210,7 @@ class RewardModule(LightningModule):
                 before_layers = False
                 index = int(name[len(prefix) + 1:].split(".")[0])
                 param.requires_grad_(index >= first_trained)
-            elif before_layers:
+            elif before_layers or trainable_layers == 0:  # 0: the whole backbone, final norm included
                 param.requires_grad_(False)
 
     # -- scoring ------------------------------------------------------------------------------------------------------

@@ -125,6 +125,12 @@ def test_trainable_layers_freezes_the_embeddings_and_lower_blocks():
     assert not any(".layers.0." in n or "embed" in n for n in trainable)
 
 
+def test_a_frozen_backbone_trains_only_the_head():
+    module = RewardModule(backbone="tiny", trainable_layers=0)
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {"head.proj.weight", "head.proj.bias"}
+    assert not module.backbone.training  # no dropout on features nothing trains
+
+
 def test_siamese_starts_as_the_cosine_of_context_and_reply(batch):
     module = RewardModule(backbone="tiny", backbone_tokenizer="minilm", encoding="siamese").eval()
     enc = module.encode(batch.context, batch.reply)
