@@ -2,7 +2,8 @@
 
 ``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
 ``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
-tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``ablate``.
+tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``ablate``; ``pipeline`` runs the
+whole method (SFT, reward model, PPO, and the test of each policy) in one command.
 
 Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
 """
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from crslight.ablation import main as ablate_main
 
         return ablate_main(args[1:])
+    if args and args[0] == "pipeline":  # SFT -> reward -> PPO -> test of base / SFT / RLHF (crslight/pipeline.py)
+        from crslight.pipeline import main as pipeline_main
+
+        return pipeline_main(args[1:])
     if args and args[0] in TOOLS:
         return run_tool(args)
     from crslight.lightning_cli import run_lightning_cli

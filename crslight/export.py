@@ -13,20 +13,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crslight.modules.policy import load_policy_checkpoint, merge_lora
+from crslight.modules.policy import find_checkpoint, load_policy_checkpoint, merge_lora
 
 
 def export(ckpt: Path, out: Path) -> str:
     """Writes the policy of an ``SFTModule`` or ``PPOModule`` checkpoint as a transformers folder.
 
     Args:
-        ckpt: A checkpoint written by ``crslight fit`` (``SFTModule`` or ``PPOModule``).
+        ckpt: A checkpoint written by ``crslight fit`` (``SFTModule`` or ``PPOModule``), or a run folder (its newest).
         out: The folder to write (created; files in it are overwritten).
 
     Returns:
         The folder's path, as a string.
     """
-    module = load_policy_checkpoint(Path(ckpt))
+    module = load_policy_checkpoint(find_checkpoint(ckpt) or Path(ckpt))
     policy = merge_lora(module.policy)
     tokenizer = module.tokenizer
     policy.config.use_cache = True

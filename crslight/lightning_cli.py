@@ -60,6 +60,26 @@ def write_test_metrics(trainer: Trainer) -> Path:
 class CRSLightningCLI(LightningCLI):
     """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` written after ``test``)."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones
+        (``eval_*``: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept."""
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
+        kept = {k: v for k, v in dict(init_args or {}).items() if k.startswith("eval_")}
+        super()._parse_ckpt_path()
+        if kept and self.config[subcommand].get("model.init_args") is not None:
+            for key, value in kept.items():
+                self.config[subcommand]["model.init_args"][key] = value
+
+    def before_instantiate_classes(self) -> None:
+        # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).is_dir():
+            from crslight.modules.policy import find_checkpoint
+
+            config["ckpt_path"] = str(find_checkpoint(ckpt_path))
+
     def after_test(self) -> None:
         write_test_metrics(self.trainer)
 

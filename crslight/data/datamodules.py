@@ -102,7 +102,8 @@ class CRSDataModule(LightningDataModule):
             ``pairs`` (reward-model samples and preference pairs, as text: see ``crslight.data.pairs``).
         tokenizer: model name, folder or alias whose tokenizer and chat template are used (``smollm2``).
         batch_size: samples per batch.
-        max_length: tokens kept per sample (dialogues are cut on the right, prompts lose their oldest turns).
+        max_length: tokens kept per sample (dialogues are cut on the right, prompts lose their oldest turns); the
+            test split's dialogues are never cut, so that every recommendation sample is scored.
         system_prompt: the system message before every dialogue; empty for none.
         num_workers: DataLoader workers.
         skip_bad_rows: skip malformed source rows instead of raising (the count is logged).
@@ -177,7 +178,9 @@ class CRSDataModule(LightningDataModule):
         dialogues = corpus.dialogues
         if self.task == "sft" or split == self.splits["test"]:  # evaluation always reads whole dialogues
             rows = dialogues.select(range(min(self.max_samples, len(dialogues)))) if self.max_samples else dialogues
-            return [self.encode_sft(turns, corpus.item_index) for turns in rows["turns"]]
+            # the test split is never cut: every recommendation sample of the protocol is scored
+            max_length = None if split == self.splits["test"] else self.max_length
+            return [self.encode_sft(turns, corpus.item_index, max_length) for turns in rows["turns"]]
         data = [
             PromptSample(self.encode_prompt(turns[:t]), d, t)
             for d, turns in enumerate(dialogues["turns"])
@@ -186,10 +189,11 @@ class CRSDataModule(LightningDataModule):
         ]
         return data[: self.max_samples] if self.max_samples else data
 
-    def encode_sft(self, turns: list[dict], item_index: dict[str, int]) -> DialogueSample:
-        """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``."""
+    def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None = -1) -> DialogueSample:
+        """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``
+        (-1: the DataModule's; None: the whole dialogue)."""
         enc = encode_dialogue(self.tokenizer, turns, self.system_prompt)
-        ids = enc.input_ids[: self.max_length]
+        ids = enc.input_ids[: self.max_length if max_length == -1 else max_length]
         labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
         recs = [
             (enc.turn_starts[s.turn] - 1, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index])

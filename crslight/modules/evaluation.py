@@ -7,7 +7,8 @@ Two parts, both logged under ``test/`` and so written to ``test_metrics.json`` b
   items mentioned earlier removed are reported with the suffix ``_new``. Each dialogue is encoded once.
 - **Conversation** (user simulator): ``episodes`` episodes of the policy (sampling its replies with ``generate``)
   against the dataset's simulated users: satisfaction (1-5), acceptance rate, mean turns, distinct-2 of the replies,
-  and coherence (MiniLM cosine between the context and the reply, ``crslight.metrics.Coherence``).
+  and coherence (MiniLM cosine between the context and the reply, ``crslight.metrics.Coherence``); with a reward
+  model, ``reward``: R_phi's mean score of those replies, so that base, SFT and PPO are judged by the same R_phi.
 """
 
 from __future__ import annotations
@@ -64,10 +65,13 @@ class ConversationEvaluator(nn.Module):
 
     Args:
         coherence_model: sentence encoder for coherence (alias or folder); empty to skip coherence.
+        reward_model: a ``RewardModule`` checkpoint (or a run folder) whose mean score of the replies is ``reward``.
     """
 
-    def __init__(self, coherence_model: str = "minilm"):
+    def __init__(self, coherence_model: str = "minilm", reward_model: str | None = None):
         super().__init__()
+        self.reward_model_path = reward_model
+        self.reward = Satisfaction() if reward_model else None
         self.satisfaction = Satisfaction()
         self.acceptance = Satisfaction()
         self.turns = Satisfaction()
@@ -85,6 +89,12 @@ class ConversationEvaluator(nn.Module):
         self.distinct.update([t.reply for t in transitions])
         if self.coherence is not None:
             self.coherence.update([t.context for t in transitions], [t.reply for t in transitions])
+        if self.reward is not None and transitions:
+            from crslight.modules.reward import RewardModule
+
+            scorer = RewardModule.load(self.reward_model_path)
+            scores = scorer.score(contexts=[t.context for t in transitions], replies=[t.reply for t in transitions])
+            self.reward.update(scores.float().cpu().tolist())
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {
@@ -95,10 +105,12 @@ class ConversationEvaluator(nn.Module):
         }
         if self.coherence is not None:
             out["coherence"] = self.coherence.compute()
+        if self.reward is not None:
+            out["reward"] = self.reward.compute()
         return out
 
     def reset(self) -> None:
-        for metric in (self.satisfaction, self.acceptance, self.turns, self.distinct, self.coherence):
+        for metric in (self.satisfaction, self.acceptance, self.turns, self.distinct, self.coherence, self.reward):
             if metric is not None:
                 metric.reset()
 
@@ -132,14 +144,15 @@ class PolicyEvaluator(nn.Module):
         max_turns: policy replies per episode at most.
         max_new_tokens: longest sampled reply.
         coherence_model: sentence encoder of the coherence metric ("" skips it).
+        reward_model: R_phi (a ``RewardModule`` checkpoint or run folder) scoring the episodes' replies; None skips it.
         seed: seeds the episodes and the policy's sampling.
     """
 
     def __init__(self, num_items: int, episodes: int = 32, max_turns: int = 2, max_new_tokens: int = 40,
-                 coherence_model: str = "minilm", seed: int = 0):
+                 coherence_model: str = "minilm", reward_model: str | None = None, seed: int = 0):
         super().__init__()
         self.ranking = RankingEvaluator(num_items)
-        self.conversation = ConversationEvaluator(coherence_model) if episodes else None
+        self.conversation = ConversationEvaluator(coherence_model, reward_model) if episodes else None
         self.episodes, self.max_turns, self.max_new_tokens, self.seed = episodes, max_turns, max_new_tokens, seed
 
     @torch.no_grad()
@@ -161,7 +174,10 @@ class PolicyEvaluator(nn.Module):
         if self.conversation is not None and datamodule is not None:
             was_training = policy.training
             policy.eval()
-            lm = LMPolicy(policy, tokenizer, max_new_tokens=self.max_new_tokens, seed=self.seed + rank)
+            # top-k rather than nucleus sampling: top-p sorts the whole vocabulary at every token, which on a CPU
+            # costs more than a small model's decoding step itself
+            lm = LMPolicy(policy, tokenizer, max_new_tokens=self.max_new_tokens, top_p=1.0, top_k=50,
+                          seed=self.seed + rank)
             corpus = datamodule.corpus("test")
             self.conversation.update(run_episodes(lm, corpus, self.episodes, self.max_turns, self.seed,
                                                   root=datamodule.root, rank=rank, world_size=world_size))

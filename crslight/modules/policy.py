@@ -274,14 +274,27 @@ class PolicyModule(LightningModule):
         self.evaluator = PolicyEvaluator(
             len(self.item_head.title_offsets), episodes=hp.get("eval_episodes", 32),
             max_turns=hp.get("eval_max_turns", 2), max_new_tokens=hp.get("eval_max_new_tokens", 40),
+            reward_model=hp.get("eval_reward_model") or hp.get("reward_model"),
         ).to(self.device)
+        # LoRA adapters folded into the weights for the test (undone in on_test_end): same outputs, one matmul per layer
+        self._merged_for_test = has_adapters(self.policy)
+        if self._merged_for_test:
+            self.policy.merge_adapter()
+
+    def on_test_end(self) -> None:
+        if getattr(self, "_merged_for_test", False):
+            self.policy.unmerge_adapter()
+            self._merged_for_test = False
 
     def test_step(self, batch, batch_idx: int) -> None:
         """Ranks the catalogue at every recommendation sample of a dialogue batch (``crslight.modules.evaluation``)."""
         self.evaluator.step(self.policy, self.item_head, batch)
 
     def on_test_epoch_end(self) -> None:
-        """Ranking metrics, then simulator episodes (satisfaction, coherence, distinct-2), logged as ``test/...``."""
-        metrics = self.evaluator.finish(self.policy, self.tokenizer, self.trainer.datamodule,
-                                        rank=self.global_rank, world_size=self.trainer.world_size)
+        """Ranking metrics, then simulator episodes (satisfaction, coherence, distinct-2), logged as ``test/...``.
+        The episodes' generation runs under the trainer's precision (bf16 autocast with ``bf16-mixed``), as
+        ``test_step`` does; Lightning applies it to steps only."""
+        with self.trainer.precision_plugin.forward_context():
+            metrics = self.evaluator.finish(self.policy, self.tokenizer, self.trainer.datamodule,
+                                            rank=self.global_rank, world_size=self.trainer.world_size)
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)  # torchmetrics reduced them

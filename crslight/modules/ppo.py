@@ -130,6 +130,7 @@ class PPOModule(PolicyModule):
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
+        eval_reward_model: ``test``: R_phi scoring the episodes' replies (``test/reward``); None: ``reward_model``.
     """
 
     def __init__(
@@ -183,6 +184,7 @@ class PPOModule(PolicyModule):
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
+        eval_reward_model: str | None = None,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code)

@@ -84,6 +84,8 @@ class SFTModule(PolicyModule):
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
+        eval_reward_model: ``test``: R_phi (a ``RewardModule`` checkpoint or run folder) whose mean score of the
+            episodes' replies is logged as ``test/reward``; None skips it.
     """
 
     trains_item_head = True
@@ -112,6 +114,7 @@ class SFTModule(PolicyModule):
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
+        eval_reward_model: str | None = None,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code)

@@ -98,3 +98,14 @@ def test_unknown_task_is_refused():
 
     with pytest.raises(ValueError, match="unknown task 'rl'"):
         Synthetic(task="rl")
+
+
+def test_the_redial_test_loader_holds_every_recommendation_sample(redial_root):
+    """The CRSLab/UniCRS protocol scores every (recommender turn, mentioned item): no dialogue is cut at test time."""
+    from crslight.data import load_corpus
+    from crslight.data.datamodules import ReDial
+
+    dm = ReDial(root=str(redial_root), task="sft", tokenizer="smollm2", batch_size=16, max_length=128)
+    dm.setup("test")
+    samples = sum(len(batch.rec_target) for batch in dm.test_dataloader())
+    assert samples == load_corpus("redial", str(redial_root), "test").stats()["rec_samples"] == 4897

@@ -54,3 +54,42 @@ def test_sft_trains_the_ranking_head_and_a_checkpoint_keeps_it(tiny_policy, tmp_
     ckpt = next(tmp_path.rglob("*.ckpt"))
     again = SFTModule.load_from_checkpoint(ckpt)
     assert torch.equal(again.item_head.bias, head.bias) and torch.equal(again.item_head.title_ids, head.title_ids)
+
+
+def test_reward_is_the_mean_r_phi_score_of_the_episode_replies(tiny_tokenizer, tmp_path):
+    import lightning
+
+    from crslight.data import load_corpus
+    from crslight.modules.evaluation import ConversationEvaluator, run_episodes
+    from crslight.modules.reward import RewardModule
+    from crslight.simulator.policies import LMPolicy
+
+    reward = RewardModule(backbone="tiny")
+    torch.nn.init.normal_(reward.head.proj.weight)  # scores that differ between replies
+    path = tmp_path / "reward.ckpt"
+    torch.save({"state_dict": reward.state_dict(), "hyper_parameters": dict(reward.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    corpus = load_corpus("synthetic", None, "test", n_dialogues=10, n_items=40)
+    policy = LMPolicy(tiny_causal_lm(tiny_tokenizer, seed=0).eval(), tiny_tokenizer, max_new_tokens=6, seed=0)
+    episodes = run_episodes(policy, corpus, episodes=3, max_turns=2, seed=0)
+    transitions = [t for e in episodes for t in e.transitions]
+    evaluator = ConversationEvaluator(coherence_model="", reward_model=str(path))
+    evaluator.update(episodes)
+    expected = RewardModule.load(path).score(contexts=[t.context for t in transitions],
+                                             replies=[t.reply for t in transitions]).mean()
+    assert evaluator.compute()["reward"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    run_lightning_cli(cli_args("fit", tiny_policy, tmp_path / "fit", "--trainer.max_steps=2",
+                               "--trainer.limit_val_batches=0"))  # trained with eval_episodes=3
+    (ckpt,) = (tmp_path / "fit").rglob("*.ckpt")
+    cli = run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'fit'}",
+                                     "--model.eval_episodes=0"))
+    assert cli.trainer.ckpt_path == str(ckpt)
+    # test-time options come from this command line, not from the checkpoint's hyperparameters
+    assert cli.model.hparams.eval_episodes == 0
+    assert "test/satisfaction" not in cli.trainer.callback_metrics
+    with pytest.raises(FileNotFoundError, match="no .ckpt file under"):
+        run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'test'}"))
