@@ -33,11 +33,16 @@ COLUMNS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "recall@10
            "reward", "satisfaction", "acceptance", "coherence", "distinct-2")
 
 
-def _fit(config: Path, out: Path, name: str, extra: list[str]):
+def _run(command: str, config: Path, out: Path, name: str, extra: list[str]):
+    """``crslight COMMAND -c CONFIG`` in this process, logging to ``OUT/NAME/version_N``."""
     from crslight.lightning_cli import run_lightning_cli
 
-    cli = run_lightning_cli(["fit", "-c", str(config), f"--trainer.logger.init_args.save_dir={out}",
-                             f"--trainer.logger.init_args.name={name}", *extra])
+    return run_lightning_cli([command, "-c", str(config), f"--trainer.logger.init_args.save_dir={out}",
+                              f"--trainer.logger.init_args.name={name}", *extra])
+
+
+def _fit(config: Path, out: Path, name: str, extra: list[str]):
+    cli = _run("fit", config, out, name, extra)
     callback = cli.trainer.checkpoint_callback
     path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
     if not path:
@@ -46,10 +51,9 @@ def _fit(config: Path, out: Path, name: str, extra: list[str]):
 
 
 def _test(config: Path, out: Path, name: str, extra: list[str]) -> dict[str, float]:
-    from crslight.lightning_cli import run_dir, run_lightning_cli
+    from crslight.lightning_cli import run_dir
 
-    cli = run_lightning_cli(["test", "-c", str(config), f"--trainer.logger.init_args.save_dir={out}",
-                             f"--trainer.logger.init_args.name={name}", *extra])
+    cli = _run("test", config, out, name, extra)
     metrics = json.loads((run_dir(cli.trainer) / "test_metrics.json").read_text())
     return {k.removeprefix("test/"): v for k, v in metrics.items()}
 

@@ -189,11 +189,11 @@ class CRSDataModule(LightningDataModule):
         ]
         return data[: self.max_samples] if self.max_samples else data
 
-    def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None = -1) -> DialogueSample:
+    def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None) -> DialogueSample:
         """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``
-        (-1: the DataModule's; None: the whole dialogue)."""
+        (None: the whole dialogue)."""
         enc = encode_dialogue(self.tokenizer, turns, self.system_prompt)
-        ids = enc.input_ids[: self.max_length if max_length == -1 else max_length]
+        ids = enc.input_ids[:max_length]
         labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
         recs = [
             (enc.turn_starts[s.turn] - 1, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index])
