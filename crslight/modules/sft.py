@@ -13,7 +13,7 @@ Mixed precision is the Trainer's: ``trainer.precision: bf16-mixed`` runs every f
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float, sche
     return factor
 
 
+class SFTLoss(NamedTuple):
+    """One batch's SFT objective: ``total = lm + ranking_loss_weight * rank``; ``rank`` is None without samples."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    rank: torch.Tensor | None
+    n_tokens: torch.Tensor
+
+
 class SFTModule(PolicyModule):
     """Fine-tunes the policy on recommender turns (``task: sft`` batches); see the module docstring.
 
@@ -80,7 +89,8 @@ class SFTModule(PolicyModule):
         lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
         trust_remote_code: Allow custom modelling code from the model folder.
-        ranking_loss_weight: Weight of the item-ranking head's catalogue cross-entropy beside the LM loss (0: off).
+        ranking_loss_weight: Weight of the item-ranking head's catalogue cross-entropy beside the LM loss (0: off); its
+            gradient reaches the policy too, so a heavy weight slows the language model (docs/training.md).
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -121,34 +131,36 @@ class SFTModule(PolicyModule):
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.save_hyperparameters()
-        self.val_loss = MeanMetric()
+        self.val_loss = MeanMetric()  # the language-model loss alone: val/ppl is a perplexity
+        self.val_rank_loss = MeanMetric()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The policy's logits ``(b, t, vocab)``."""
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, n_tokens)`` of a batch: cross-entropy on the recommender's tokens only, plus the ranking head's
+    def loss(self, batch: SFTBatch) -> SFTLoss:
+        """The batch's :class:`SFTLoss`: cross-entropy on the recommender's tokens only, plus the ranking head's
         catalogue cross-entropy at every recommendation sample (weight ``ranking_loss_weight``)."""
         weight = self.hparams.ranking_loss_weight
         if not weight or self.item_head is None:
-            return lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+            loss, n_tokens = lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
+            return SFTLoss(loss, loss, None, n_tokens)
         if batch.rec_row is None:  # no sample here: a zero term keeps every DDP rank's gradients in step
             loss, n_tokens = lm_loss(self(batch.input_ids, batch.attention_mask), batch.labels)
-            return loss + 0.0 * sum(p.sum() for p in self.item_head.parameters()), n_tokens
+            return SFTLoss(loss + 0.0 * sum(p.sum() for p in self.item_head.parameters()), loss, None, n_tokens)
         out = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                           output_hidden_states=True)
         loss, n_tokens = lm_loss(out.logits, batch.labels)
         hidden = out.hidden_states[-1][batch.rec_row, batch.rec_position]  # post-norm: what the LM head reads
-        scores = self.item_head(hidden, self.policy.get_output_embeddings().weight)
-        return loss + weight * retrieval_loss(scores, batch.rec_target), n_tokens
+        rank = retrieval_loss(self.item_head(hidden, self.policy.get_output_embeddings().weight), batch.rec_target)
+        return SFTLoss(loss + weight * rank, loss, rank, n_tokens)
 
     # -- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         accumulate = self.hparams.accumulate_grad_batches
-        loss, n_tokens = self.loss(batch)
-        self.manual_backward(loss / accumulate)
+        loss = self.loss(batch)
+        self.manual_backward(loss.total / accumulate)
         last = batch_idx + 1 == self.trainer.num_training_batches
         if (batch_idx + 1) % accumulate == 0 or last:
             if self.hparams.gradient_clip_val:
@@ -157,23 +169,31 @@ class SFTModule(PolicyModule):
             opt.step()
             opt.zero_grad()
             self.lr_schedulers().step()
-        loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/ppl", torch.exp(loss), sync_dist=True)
-        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", sync_dist=True)
+        lm = loss.lm.detach()
+        self.log("train/loss", loss.total.detach(), prog_bar=True, sync_dist=True)
+        self.log("train/lm_loss", lm, sync_dist=True)
+        self.log("train/ppl", torch.exp(lm), sync_dist=True)
+        if loss.rank is not None:
+            self.log("train/rank_loss", loss.rank.detach(), sync_dist=True)
+        self.log("train/tokens", loss.n_tokens.float(), reduce_fx="sum", sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], prog_bar=True)
-        return loss
+        return loss.total
 
     def validation_step(self, batch: SFTBatch, batch_idx: int) -> None:
-        loss, n_tokens = self.loss(batch)
-        if n_tokens > 0:
-            self.val_loss.update(loss, weight=n_tokens)
+        loss = self.loss(batch)
+        if loss.n_tokens > 0:
+            self.val_loss.update(loss.lm, weight=loss.n_tokens)
+        if loss.rank is not None:
+            self.val_rank_loss.update(loss.rank, weight=len(batch.rec_target))
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # token-weighted over the whole split, reduced over ranks
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        if self.hparams.ranking_loss_weight and self.item_head is not None:  # the same on every rank
+            self.log("val/rank_loss", self.val_rank_loss.compute(), sync_dist=True)
+        self.val_rank_loss.reset()
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""

@@ -47,9 +47,15 @@ def test_test_writes_every_metric(tiny_policy, tmp_path, monkeypatch):
 def test_sft_trains_the_ranking_head_and_a_checkpoint_keeps_it(tiny_policy, tmp_path, monkeypatch):
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
     cli = run_lightning_cli(cli_args("fit", tiny_policy, tmp_path, "--trainer.max_steps=3",
-                                     "--trainer.limit_val_batches=0"))
+                                     "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
+                                     "--model.ranking_loss_weight=0.5"))
     head = cli.model.item_head
     assert head is not None and head.bias.abs().sum() > 0  # trained from zero
+    logged = cli.trainer.callback_metrics  # the total is the LM loss plus the weighted catalogue loss
+    assert logged["train/loss"].item() == pytest.approx(
+        logged["train/lm_loss"].item() + 0.5 * logged["train/rank_loss"].item(), rel=1e-4)
+    assert logged["val/ppl"].item() == pytest.approx(math.exp(logged["val/loss"].item()), rel=1e-4)
+    assert "val/rank_loss" in logged
     assert not torch.equal(head.proj.weight, torch.eye(head.proj.weight.shape[0]))
     ckpt = next(tmp_path.rglob("*.ckpt"))
     again = SFTModule.load_from_checkpoint(ckpt)

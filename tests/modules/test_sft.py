@@ -52,7 +52,7 @@ def test_loss_counts_only_recommender_tokens(tiny_policy):
     module = SFTModule(model=tiny_policy)
     module.configure_model()
     module.policy.eval()
-    loss, n_tokens = module.loss(batch)
+    _, loss, _, n_tokens = module.loss(batch)
     # the same loss, by hand: per-token cross-entropy of every position, kept only where the label is a token
     logits = module(batch.input_ids, batch.attention_mask)[:, :-1]
     targets = batch.labels[:, 1:]
@@ -78,7 +78,7 @@ def test_fit_lowers_the_loss_and_moves_every_trainable_weight(tiny_policy, lora)
     probe = next(iter(dm.val_dataloader()))
     module.policy.eval()
     with torch.no_grad():
-        before_loss = module.loss(probe)[0].item()
+        before_loss = module.loss(probe).total.item()
     module.policy.train()
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer = Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
@@ -88,7 +88,7 @@ def test_fit_lowers_the_loss_and_moves_every_trainable_weight(tiny_policy, lora)
     assert trainer.global_step == 3 * 2
     module.policy.eval()
     with torch.no_grad():
-        after_loss = module.loss(probe)[0].item()
+        after_loss = module.loss(probe).total.item()
     assert after_loss < before_loss - 0.1
     for name, param in module.named_parameters():
         if param.requires_grad:
