@@ -101,6 +101,7 @@ def load_corpus(
     seed: int = 0,
     n_dialogues: int = 1000,
     n_items: int = 400,
+    n_eval_dialogues: int | None = None,
 ) -> Corpus:
     """Loads one split of a source in the canonical schema.
 
@@ -113,6 +114,8 @@ def load_corpus(
         seed: synthetic only: the generator's seed.
         n_dialogues: synthetic only: dialogues in the train split (valid and test get a fifth each).
         n_items: synthetic only: catalogue size.
+        n_eval_dialogues: synthetic only: dialogues in the valid and in the test split (default: a fifth of
+            ``n_dialogues``).
     """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(SOURCES)}")
@@ -120,13 +123,14 @@ def load_corpus(
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     report = LoadReport()
     if name == "synthetic":
-        sizes = {"train": n_dialogues, "valid": max(1, n_dialogues // 5), "test": max(1, n_dialogues // 5)}
+        n_eval = n_eval_dialogues or max(1, n_dialogues // 5)
+        sizes = {"train": n_dialogues, "valid": n_eval, "test": n_eval}
 
         def build():
             splits = {s: synthetic.generate(seed, sizes[s], n_items, split=s)[0] for s in SPLITS}
             return _to_datasets(splits, synthetic.make_catalogue(seed, n_items)), {}
 
-        key = f"v{CONVERTER_VERSION}-s{seed}-d{n_dialogues}-i{n_items}"
+        key = f"v{CONVERTER_VERSION}-s{seed}-d{n_dialogues}-e{n_eval}-i{n_items}"
     else:
         if root is None:
             raise DataError("<root>", f"--root is required for {name}: the folder of the official download")

@@ -267,16 +267,19 @@ class Synthetic(CRSDataModule):
 
     Args:
         seed: the generator's seed.
-        n_dialogues: train dialogues (valid and test get a fifth each).
+        n_dialogues: train dialogues.
         n_items: catalogue size.
+        n_eval_dialogues: dialogues in the valid and in the test split (default: a fifth of ``n_dialogues``).
         **kwargs: see :class:`CRSDataModule`.
     """
 
     source = "synthetic"
 
-    def __init__(self, seed: int = 0, n_dialogues: int = 1000, n_items: int = 400, **kwargs):
+    def __init__(self, seed: int = 0, n_dialogues: int = 1000, n_items: int = 400,
+                 n_eval_dialogues: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.seed, self.n_dialogues, self.n_items = seed, n_dialogues, n_items
+        self.seed, self.n_dialogues, self.n_items, self.n_eval_dialogues = seed, n_dialogues, n_items, n_eval_dialogues
 
     def corpus_options(self) -> dict:
-        return {"seed": self.seed, "n_dialogues": self.n_dialogues, "n_items": self.n_items}
+        return {"seed": self.seed, "n_dialogues": self.n_dialogues, "n_items": self.n_items,
+                "n_eval_dialogues": self.n_eval_dialogues}

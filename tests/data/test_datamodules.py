@@ -109,3 +109,13 @@ def test_the_redial_test_loader_holds_every_recommendation_sample(redial_root):
     dm.setup("test")
     samples = sum(len(batch.rec_target) for batch in dm.test_dataloader())
     assert samples == load_corpus("redial", str(redial_root), "test").stats()["rec_samples"] == 4897
+
+
+def test_synthetic_eval_splits_have_their_own_size(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    default, small = datamodule(tiny_tokenizer), datamodule(tiny_tokenizer, n_eval_dialogues=3)
+    assert [len(default.corpus(s).dialogues) for s in ("train", "valid", "test")] == [20, 4, 4]  # a fifth
+    assert [len(small.corpus(s).dialogues) for s in ("train", "valid", "test")] == [20, 3, 3]
+    # the same world: the train split and the catalogue do not depend on the evaluation size
+    assert small.corpus("train").dialogues["turns"] == default.corpus("train").dialogues["turns"]
+    assert small.corpus("test").catalogue["name"] == default.corpus("test").catalogue["name"]
