@@ -173,8 +173,8 @@ class SFTModule(PolicyModule):
         self.log("train/loss", loss.total.detach(), prog_bar=True, sync_dist=True)
         self.log("train/lm_loss", lm, sync_dist=True)
         self.log("train/ppl", torch.exp(lm), sync_dist=True)
-        if loss.rank is not None:
-            self.log("train/rank_loss", loss.rank.detach(), sync_dist=True)
+        if loss.rank is not None:  # this rank's value: a batch without samples logs nothing, so no collective here
+            self.log("train/rank_loss", loss.rank.detach())
         self.log("train/tokens", loss.n_tokens.float(), reduce_fx="sum", sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], prog_bar=True)
         return loss.total

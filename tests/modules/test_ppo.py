@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer, seed_everything
 from crslight.data.datamodules import Synthetic
 from crslight.models import tiny_causal_lm
 from crslight.modules.experience import RunningMoments, turn_returns
-from crslight.modules.ppo import PPOModule
+from crslight.modules.ppo import PPOModule, allocate_adam_state
 from crslight.modules.reward import RewardModule
 from crslight.modules.rollout import Recorder, Sampler, pack
 from crslight.signals import AcceptanceSignal
@@ -190,3 +190,24 @@ def test_ppo_configs_instantiate(path, monkeypatch):
     assert module.hparams.simulator == "auto" or simulator_class(module.hparams.simulator)
     assert len(module.signals) == len(module.signal_weights)
     assert len(CONFIGS) == 3
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preallocated_adam_state_gives_the_same_steps(amsgrad):
+    torch.manual_seed(0)
+    lazy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    eager = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    eager.load_state_dict(lazy.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.01, amsgrad=amsgrad) for m in (lazy, eager)]
+    allocate_adam_state(opts[1])
+    assert all(opts[1].state[p]["exp_avg"].abs().sum() == 0 for p in eager.parameters())  # there before any step
+    assert not opts[0].state
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for model, opt in zip((lazy, eager), opts, strict=True):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(lazy.parameters(), eager.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opts[1].state_dict()["state"][0]["step"] == opts[0].state_dict()["state"][0]["step"] == 3
