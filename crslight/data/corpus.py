@@ -112,7 +112,7 @@ def load_corpus(
         skip_bad_rows: skip malformed lines/rows instead of raising; how many is in ``corpus.report.bad_rows``.
         cache: store the conversion in the Arrow cache (``$CRSLIGHT_CACHE``, default ``~/.cache/crslight``).
         seed: synthetic only: the generator's seed.
-        n_dialogues: synthetic only: dialogues in the train split (valid and test get a fifth each).
+        n_dialogues: synthetic only: dialogues in the train split.
         n_items: synthetic only: catalogue size.
         n_eval_dialogues: synthetic only: dialogues in the valid and in the test split (default: a fifth of
             ``n_dialogues``).
