@@ -38,8 +38,8 @@ from pathlib import Path
 
 TRL_VERSION = "1.12.0"
 MODELS = ("tiny", "smollm2")
-SETTINGS = ("batch_size", "new_tokens", "ppo_epochs", "warmup", "steps", "precision", "critic", "threads", "seed",
-            "prompt_length", "dialogues")
+SETTINGS = ("batch_size", "new_tokens", "ppo_epochs", "warmup", "steps", "precision", "critic", "optimizer_in_backward",
+            "threads", "seed", "prompt_length", "dialogues")
 """The command-line settings both sides get."""
 
 
@@ -168,7 +168,8 @@ def run_crslight(spec: dict) -> dict:
                    max_length=spec["prompt_length"], batch_size=b)
     module = PPOModule(model=spec["policy"], reward_model=spec["reward"], max_new_tokens=spec["new_tokens"],
                        temperature=1.0, ppo_epochs=spec["ppo_epochs"], minibatch_size=b, micro_batch_size=b,
-                       kl_coef=0.05, lr=1e-5, gradient_clip_val=None, critic=spec["critic"])
+                       kl_coef=0.05, lr=1e-5, gradient_clip_val=None, critic=spec["critic"],
+                       optimizer_in_backward=spec["optimizer_in_backward"])
     clock = Clock()
     trainer = Trainer(accelerator="cpu", devices=1, precision=spec["precision"], max_epochs=1,
                       limit_train_batches=spec["warmup"] + spec["steps"], limit_val_batches=0, num_sanity_val_steps=0,
@@ -266,6 +267,7 @@ def table(rows: list[dict]) -> str:
 def compare(model: str, args) -> dict:
     """Prepares ``model`` and runs each side in its own subprocess; the row of the table."""
     notes = [note for note, on in (("separate critic", args.critic == "separate"),
+                                   ("optimizer in backward", args.optimizer_in_backward),
                                    (args.precision, args.precision != "32-true")) if on]
     label = f"{model} ({', '.join(notes)})" if notes else model
     row = {"model": model, "label": label, "settings": {k: getattr(args, k) for k in SETTINGS}}
@@ -292,6 +294,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--critic", choices=["shared", "separate"], default="shared",
                         help="crslight's critic (TRL always has a separate value model)")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="crslight steps each weight inside the backward pass (PPOModule's optimizer_in_backward; "
+                             "TRL has no such option)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on both sides (0: torch's default; two spin against each other on a busy "
                              "two-core machine)")

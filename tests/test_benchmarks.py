@@ -22,7 +22,8 @@ def bench():
 
 def test_crslight_side_runs_fixed_length_steps(bench, tmp_path):
     args = argparse.Namespace(batch_size=2, new_tokens=4, ppo_epochs=1, warmup=1, steps=1, precision="32-true",
-                              critic="shared", threads=1, seed=0, prompt_length=64, dialogues=30)
+                              critic="shared", optimizer_in_backward=True, threads=1, seed=0, prompt_length=64,
+                              dialogues=30)
     spec = bench.prepare("tiny", args, tmp_path)
     assert len(spec["prompts"]) == 4 and len({len(ids) for ids, _, _ in spec["prompts"]}) == 1  # no padding
     threads = torch.get_num_threads()

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from crslight.models.loading import load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
+from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead
 from crslight.modules.evaluation import PolicyEvaluator, catalogue_names
 
@@ -189,6 +190,7 @@ class PolicyModule(LightningModule):
             return
         hp = self.hparams
         policy = self.load_base_policy()
+        lean_mlps(policy)  # the same gradients with fewer saved activations (crslight.models.memory)
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False

@@ -54,10 +54,12 @@ from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.hooks import RemovableHandle
 
 from crslight.data.datamodules import PromptBatch
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
+from crslight.models.memory import release_heap
 from crslight.modules.experience import Episodes, EpisodeSources, RunningMoments, collect_episodes, make_experience
 from crslight.modules.policy import Hidden, PolicyModule
 from crslight.modules.rollout import Samples, position_ids
@@ -93,6 +95,29 @@ def allocate_adam_state(opt: torch.optim.Optimizer) -> None:
             buffers["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state[index] = buffers
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+    """Steps ``optimizer`` on each parameter as soon as the backward pass has its gradient, then frees that gradient.
+
+    The full set of gradients (as large as the trainable weights) then never exists at once: torchtune's
+    ``optimizer_in_bwd``. A hook fires once per parameter per backward pass, after autograd has summed every
+    contribution (tied weights included), when no other parameter holds a gradient; ``optimizer.step()`` skips
+    parameters without one, so each call updates exactly one parameter, with the update the whole step would give it.
+    That holds only with one backward pass per step (no gradient accumulation), no clipping by the global norm, no
+    gradient scaler and one process (DDP averages the gradients after this hook). Returns the hooks' handles.
+    """
+
+    def step(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _release_heap_on_cpu(module: torch.nn.Module, grad_output: tuple[torch.Tensor, ...]) -> None:
+    if grad_output[0] is not None and grad_output[0].device.type == "cpu":
+        release_heap()
 
 
 class PPOModule(PolicyModule):
@@ -138,6 +163,9 @@ class PPOModule(PolicyModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Optimizer steps of linear warmup.
         gradient_clip_val: Clip the gradients' global norm; ``None`` or 0 for no clipping.
+        optimizer_in_backward: Update each weight as soon as the backward pass has its gradient and free that
+            gradient (:func:`step_in_backward`): the same steps, with one set of gradients less at the memory peak.
+            Needs ``micro_batch_size == minibatch_size``, ``gradient_clip_val: null`` and one process.
         dtype: Parameter dtype of the policy; for bf16 autocast use ``trainer.precision: bf16-mixed``.
         lora: Train LoRA adapters (the reference is then the same model with adapters off).
         lora_r: LoRA rank.
@@ -192,6 +220,7 @@ class PPOModule(PolicyModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         gradient_clip_val: float | None = 1.0,
+        optimizer_in_backward: bool = False,
         dtype: str = "float32",
         lora: bool = False,
         lora_r: int = 16,
@@ -213,6 +242,11 @@ class PPOModule(PolicyModule):
             raise ValueError(f"got {len(signal_weights)} signal_weights for {len(signals or [])} signals")
         if advantage_estimator == "grpo" and group_size < 2:
             raise ValueError("grpo needs group_size >= 2")
+        if optimizer_in_backward and (micro_batch_size != minibatch_size or gradient_clip_val):
+            raise ValueError(
+                "optimizer_in_backward steps each weight during the backward pass, so it needs one backward pass per "
+                "optimizer step and no clipping by the global norm: set micro_batch_size equal to minibatch_size "
+                f"(got {micro_batch_size} and {minibatch_size}) and gradient_clip_val to null (got {gradient_clip_val})")
         self.save_hyperparameters(ignore=["signals"])
         self.signals = list(signals or [])
         self.signal_weights = list(signal_weights) if signal_weights is not None else [1.0] * len(self.signals)
@@ -225,6 +259,7 @@ class PPOModule(PolicyModule):
         self._reference = Hidden()
         self._reward = Hidden()
         self._sources: EpisodeSources | None = None
+        self._step_hooks: list[RemovableHandle] = []
 
     # -- parts ------------------------------------------------------------------------------------------------------
     @property
@@ -232,8 +267,10 @@ class PPOModule(PolicyModule):
         return self.hparams.advantage_estimator == "gae"
 
     def build_extra(self) -> None:
-        """Value head (and separate critic), and the reference when there is no LoRA to switch off."""
+        """Value head (and separate critic), the reference when there is no LoRA to switch off, and the heap release
+        before the input embedding's backward pass (:meth:`update`)."""
         base = self.policy.get_base_model() if self.hparams.lora else self.policy
+        self.policy.get_input_embeddings().register_full_backward_pre_hook(_release_heap_on_cpu)
         if self.uses_critic:
             self.value_head = ScalarHead(base.config.hidden_size)
             if self.hparams.critic == "separate":
@@ -382,7 +419,14 @@ class PPOModule(PolicyModule):
             self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True, batch_size=b)
 
     def update(self, samples: Samples, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``ppo_epochs`` passes of clipped minibatch updates; returns the mean losses and diagnostics."""
+        """``ppo_epochs`` passes of clipped minibatch updates; returns the mean losses and diagnostics.
+
+        On a CPU the heap's free pages go back to the operating system (:func:`~crslight.models.memory.release_heap`)
+        before each micro-batch's forward pass, which follows a rollout or a backward pass that freed a lot, and when
+        the backward pass reaches the input embedding: every activation is freed by then, and what is left is the
+        embedding's gradient (with tied weights, two vocabulary-sized tensors) and, with ``optimizer_in_backward``,
+        its AdamW step, which would otherwise be new memory on top of a heap full of freed pages.
+        """
         hp = self.hparams
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -395,6 +439,8 @@ class PPOModule(PolicyModule):
                 minibatch = order[lo : lo + hp.minibatch_size]
                 for m in range(0, len(minibatch), hp.micro_batch_size):
                     rows = minibatch[m : m + hp.micro_batch_size]
+                    if self.device.type == "cpu":
+                        release_heap()
                     losses = self.micro_step(samples, exp, rows)
                     self.manual_backward(losses["loss"] * len(rows) / len(minibatch))
                     for key, value in losses.items():
@@ -402,7 +448,7 @@ class PPOModule(PolicyModule):
                     count += 1
                 if hp.gradient_clip_val:
                     self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-                opt.step()
+                opt.step()  # with optimizer_in_backward a no-op (no gradients are left) that Lightning counts
                 opt.zero_grad()
                 scheduler.step()
         return {key: torch.tensor(value / count) for key, value in sums.items()}
@@ -435,6 +481,17 @@ class PPOModule(PolicyModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         allocate_adam_state(opt)
+        for handle in self._step_hooks:  # from an earlier fit of this module
+            handle.remove()
+        self._step_hooks = []
+        if hp.optimizer_in_backward:
+            if self.trainer.world_size > 1 or str(self.trainer.precision).startswith("16"):
+                raise ValueError(
+                    "optimizer_in_backward needs one process and 32- or bf16 precision (DDP averages the gradients "
+                    "and 16-bit precision unscales them after the backward pass, when the weights have moved): got "
+                    f"--trainer.devices/num_nodes for {self.trainer.world_size} processes and precision "
+                    f"{self.trainer.precision}")
+            self._step_hooks = step_in_backward(opt)
         sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, 1, 1.0, "constant"))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -49,6 +49,7 @@ from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
+from crslight.models.memory import lean_mlps
 from crslight.modules.sft import warmup_cosine
 from crslight.rl.reward_losses import bradley_terry_loss, pairwise_accuracy, regression_loss
 
@@ -180,6 +181,7 @@ class RewardModule(LightningModule):
             model = tiny_backbone(self.tokenizer, self.is_encoder, init_seed)
         else:
             model = load_backbone(backbone, dtype=dtype, trust_remote_code=trust_remote_code)
+        lean_mlps(model)  # the same gradients with fewer saved activations (crslight.models.memory)
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # BERT's pooler is not used: it would be a parameter that never trains
         if lora:

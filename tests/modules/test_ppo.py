@@ -211,3 +211,44 @@ def test_preallocated_adam_state_gives_the_same_steps(amsgrad):
     for a, b in zip(lazy.parameters(), eager.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opts[1].state_dict()["state"][0]["step"] == opts[0].state_dict()["state"][0]["step"] == 3
+
+
+def test_optimizer_in_backward_gives_the_same_steps(tiny_policy, tiny_reward):
+    """Stepping each weight inside the backward pass changes the memory peak, not the training: bit for bit."""
+    modules = []
+    for in_backward in (False, True):
+        module = PPOModule(model=tiny_policy, reward_model=tiny_reward, max_new_tokens=8, minibatch_size=2,
+                           micro_batch_size=2, ppo_epochs=2, lr=1e-3, gradient_clip_val=None, weight_decay=0.01,
+                           optimizer_in_backward=in_backward)
+        trainer = _fit(module, tiny_policy)
+        assert trainer.global_step == 2 * 2 * 2  # 2 PPO steps x 2 epochs x 2 minibatches, counted either way
+        assert all(p.grad is None for p in module.parameters())
+        modules.append(module)
+    plain, fused = modules
+    assert len(fused._step_hooks) == len(plain.trainable_parameters()) and not plain._step_hooks
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    state = fused.trainer.optimizers[0].state_dict()["state"]
+    assert all(float(s["step"]) == 8 for s in state.values())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"micro_batch_size": 2, "minibatch_size": 4, "gradient_clip_val": None}, {"gradient_clip_val": 1.0}],
+    ids=["accumulation", "clipping"],
+)
+def test_optimizer_in_backward_refuses_what_it_cannot_do(options):
+    with pytest.raises(ValueError, match=r"optimizer_in_backward .*micro_batch_size .*gradient_clip_val"):
+        PPOModule(optimizer_in_backward=True, **options)
+
+
+@pytest.mark.parametrize(("world_size", "precision"), [(2, "32-true"), (1, "16-mixed")])
+def test_optimizer_in_backward_refuses_ddp_and_gradient_scaling(tiny_policy, world_size, precision):
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=8, gradient_clip_val=None,
+                       optimizer_in_backward=True)
+    module.configure_model()
+    module._trainer = SimpleNamespace(world_size=world_size, precision=precision)  # what configure_optimizers reads
+    with pytest.raises(ValueError, match=rf"optimizer_in_backward needs one process.*{world_size} processes.*"
+                                         rf"precision {precision}"):
+        module.configure_optimizers()
+    assert not module._step_hooks

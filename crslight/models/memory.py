@@ -1,0 +1,96 @@
+"""Memory savings that leave the math unchanged: fewer saved activations in Llama-style MLPs, and freed heap memory
+handed back to the operating system.
+
+**Lean MLPs.** A Llama MLP computes ``down(silu(gate(x)) * up(x))``. For the backward pass autograd keeps ``gate(x)``
+(for silu's gradient), ``silu(gate(x))`` and ``up(x)`` (for the product's) and the product (for ``down``'s weight).
+:class:`SiLUMul` keeps only ``gate(x)`` and ``up(x)`` and recomputes ``silu(gate(x))`` when the backward pass needs it:
+one ``(tokens, intermediate)`` tensor less per layer for an element-wise op of extra compute (Liger Kernel's SwiGLU
+does the same in Triton; this is plain PyTorch, so it runs on CPUs too). With SmolLM2-135M and a PPO micro-batch of
+8 x 91 tokens that is 128 of the 932 MiB a forward pass saves. The backward pass evaluates autograd's own formulas
+(``mul``'s, then ``silu_backward``) on the same tensors, so the gradients are the stock model's, bit for bit (tested).
+
+**Releasing the heap.** On a CPU, tensors come from glibc's ``malloc``. Freed blocks stay in the process (and in its
+resident memory) until the top of the heap is free, which it rarely is in training: after a PPO update's backward pass
+about 1.2 GiB of SmolLM2's activations sat freed but resident, and the next large allocations were new memory on top.
+:func:`release_heap` (glibc's ``malloc_trim``, a few milliseconds) hands free pages back; PPO calls it where a phase
+has just freed a lot and another is about to allocate (docs/benchmarks.md has the traces).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LLAMA_STYLE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+"""transformers MLP classes whose ``forward`` is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+
+
+class SiLUMul(torch.autograd.Function):
+    """``silu(gate) * up``, keeping ``gate`` and ``up`` for the backward pass and recomputing ``silu(gate)`` there."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _lean_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiLUMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def lean_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with :class:`SiLUMul` in its forward: ``Lean<Name>``, one per class, importable from this module (so
+    that lean models pickle)."""
+    name = f"Lean{cls.__name__}"
+    lean = globals().get(name)
+    if lean is None or lean.__bases__ != (cls,):
+        lean = type(name, (cls,), {"forward": _lean_mlp_forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = lean
+    return lean
+
+
+def lean_mlps(model: nn.Module) -> int:
+    """Makes every Llama-style MLP of ``model`` with a SiLU activation use :class:`SiLUMul`; returns how many.
+
+    Changes the class of those instances (to :func:`lean_class`), not the transformers classes: other models in the
+    process are untouched, a deep copy (PPO's reference policy) stays lean, saved weights and exported folders are
+    unaffected. Any other model is left as it is.
+    """
+    count = 0
+    for module in model.modules():
+        if (type(module).__name__ in LLAMA_STYLE_MLPS
+                and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
+            module.__class__ = lean_class(type(module))
+            count += 1
+    return count
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library is not glibc."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_heap() -> bool:
+    """Returns the heap's free pages to the operating system (glibc's ``malloc_trim(0)``); ``False`` where the C
+    library has no such call (macOS, musl), which is then a no-op."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

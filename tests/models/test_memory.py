@@ -1,0 +1,102 @@
+"""crslight.models.memory: lean MLPs give the stock model's logits and gradients bit for bit with fewer saved
+activations; release_heap hands freed memory back."""
+
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+
+from crslight.models import tiny_causal_lm
+from crslight.models.memory import SiLUMul, lean_mlps, release_heap
+
+
+def saved_activation_bytes(model, **inputs) -> tuple[torch.Tensor, int]:
+    """Logits of a forward pass and the bytes of the non-parameter tensors it saves for the backward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(**inputs).logits
+    return logits, sum(storages.values())
+
+
+def test_silu_mul_gradients_are_autograds():
+    gate = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiLUMul.apply, (gate, up))
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(torch.nn.functional.silu(gate) * up, (gate, up), grad)
+    for got, want in zip(torch.autograd.grad(SiLUMul.apply(gate, up), (gate, up), grad), expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lean_mlps_same_gradients_fewer_saved_tensors(tiny_tokenizer, autocast):
+    stock = tiny_causal_lm(tiny_tokenizer, seed=0)
+    lean = copy.deepcopy(stock)
+    assert lean_mlps(lean) == stock.config.num_hidden_layers
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
+    b, t, width = ids.shape[0], ids.shape[1], stock.config.intermediate_size
+    results = []
+    for model in (stock, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, saved = saved_activation_bytes(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        logits.float().logsumexp(-1).sum().backward()
+        results.append((logits, saved, {name: p.grad for name, p in model.named_parameters()}))
+    (stock_logits, stock_saved, stock_grads), (lean_logits, lean_saved, lean_grads) = results
+    assert torch.equal(stock_logits, lean_logits)
+    for name, grad in stock_grads.items():
+        assert torch.equal(grad, lean_grads[name]), name
+    # one (b, t, intermediate) tensor less per layer, silu(gate(x)), recomputed in the backward pass (bf16 in autocast)
+    assert stock_saved - lean_saved == stock.config.num_hidden_layers * b * t * width * (2 if autocast else 4)
+
+
+def test_lean_mlps_leaves_other_activations_alone(tiny_tokenizer):
+    model = tiny_causal_lm(tiny_tokenizer, seed=0)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert lean_mlps(model) == 0
+    assert lean_mlps(torch.nn.Linear(2, 2)) == 0
+
+
+def test_lean_model_pickles_and_frees_without_the_garbage_collector(tiny_tokenizer):
+    model = tiny_causal_lm(tiny_tokenizer, seed=0)
+    lean_mlps(model)
+    assert lean_mlps(model) == 0  # already lean: nothing to do
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again.model.layers[0].mlp).__name__ == "LeanLlamaMLP"
+    gc.disable()
+    try:
+        ref = weakref.ref(model.model.layers[0].mlp)
+        del model
+        assert ref() is None  # no reference cycle keeps a lean module (and its weights) alive
+    finally:
+        gc.enable()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not release_heap(), reason="the C library has no malloc_trim (not glibc)")
+def test_release_heap_returns_freed_blocks():
+    # many 1 MiB blocks come from the heap once glibc's mmap threshold has risen past them; freeing every other one
+    # leaves holes that no longer shrink the heap from the top, so they stay resident until trimmed
+    big = torch.empty(16 * 2**20, dtype=torch.uint8)
+    del big  # an mmapped block freed: glibc raises its mmap threshold to 16 MiB
+    blocks = [torch.ones(2**18) for _ in range(400)]  # 400 x 1 MiB, touched
+    del blocks[::2]
+    before = rss_mib()
+    assert release_heap()
+    assert before - rss_mib() > 100  # about 200 MiB of holes handed back
+    assert all(float(b[0]) == 1.0 for b in blocks)  # the live blocks are untouched
