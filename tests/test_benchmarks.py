@@ -64,3 +64,17 @@ def test_table_has_the_ratios(bench):
     row = {"label": "tiny", "crslight": {**side, "samples_per_s": 3.0}, "trl": side, "speed_ratio": 1.5,
            "rss_ratio": 1.0, "cpu_speed_ratio": 1.25}
     assert bench.table([row]).splitlines()[-1] == "| tiny | 3.00 | 2.00 | 1.50x | 1000 | 1000 | 1.00x | 1.25x |"
+
+
+def test_memory_ablation_runs_a_variant(tmp_path):
+    import json
+    import subprocess
+
+    script = SCRIPT.parent / "ppo_memory.py"
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(script), "--model", "tiny", "--variants", "neither", "--runs", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith("| neither |")
+    result = json.loads(out.read_text())["neither"]
+    assert len(result["peak_rss_mb"]) == 1 and result["peak_rss_mb"][0] > 0

@@ -115,9 +115,14 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
     return [p.register_post_accumulate_grad_hook(step) for group in optimizer.param_groups for p in group["params"]]
 
 
-def _release_heap_on_cpu(module: torch.nn.Module, grad_output: tuple[torch.Tensor, ...]) -> None:
-    if grad_output[0] is not None and grad_output[0].device.type == "cpu":
-        release_heap()
+def _release_heap_before_backward(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook of the input embedding: on a CPU, releases the heap when the backward pass reaches it."""
+    if output.requires_grad and output.device.type == "cpu":
+        output.register_hook(_release_heap_hook)
+
+
+def _release_heap_hook(grad: torch.Tensor) -> None:
+    release_heap()
 
 
 class PPOModule(PolicyModule):
@@ -270,7 +275,7 @@ class PPOModule(PolicyModule):
         """Value head (and separate critic), the reference when there is no LoRA to switch off, and the heap release
         before the input embedding's backward pass (:meth:`update`)."""
         base = self.policy.get_base_model() if self.hparams.lora else self.policy
-        self.policy.get_input_embeddings().register_full_backward_pre_hook(_release_heap_on_cpu)
+        self.policy.get_input_embeddings().register_forward_hook(_release_heap_before_backward)
         if self.uses_critic:
             self.value_head = ScalarHead(base.config.hidden_size)
             if self.hparams.critic == "separate":

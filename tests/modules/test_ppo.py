@@ -252,3 +252,20 @@ def test_optimizer_in_backward_refuses_ddp_and_gradient_scaling(tiny_policy, wor
                                          rf"precision {precision}"):
         module.configure_optimizers()
     assert not module._step_hooks
+
+
+def test_heap_released_before_each_update_micro_batch_and_embedding_backward(tiny_policy, tiny_reward, monkeypatch):
+    import crslight.modules.ppo as ppo
+
+    calls = []
+    monkeypatch.setattr(ppo, "release_heap", lambda: calls.append(torch.is_grad_enabled()) or True)
+    module = PPOModule(model=tiny_policy, reward_model=tiny_reward, max_new_tokens=4, minibatch_size=2,
+                       micro_batch_size=1, ppo_epochs=1, gradient_clip_val=None)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    seed_everything(0)
+    trainer.fit(module, Synthetic(task="prompts", tokenizer=tiny_policy, n_dialogues=30, batch_size=4, max_length=96))
+    # 4 micro-batches of 1 reply: one release before each forward pass (grad mode on), one inside each backward pass
+    # (autograd runs hooks with grad mode off); none in the rollout's no-grad passes or in validation
+    assert calls == [True, False] * 4

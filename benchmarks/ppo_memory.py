@@ -1,0 +1,92 @@
+"""Peak RSS of crslight's PPO with its memory measures switched off one at a time (an ablation; no TRL needed).
+
+Runs crslight's side of ``benchmarks/ppo_vs_trl.py`` (same settings, same prompts, same policy folder: see that
+script) ``--runs`` times per variant, each in a fresh subprocess, and prints every run's peak RSS and their median:
+
+- ``default``: crslight as it is (lean MLPs, heap released before each update micro-batch and before the input
+  embedding's backward pass, AdamW moments pre-allocated);
+- ``no-release``: without the heap release (``crslight.modules.ppo.release_heap`` replaced by a no-op);
+- ``no-lean``: without the lean MLPs (``crslight.modules.policy.lean_mlps`` replaced by a no-op);
+- ``neither``: without both;
+- ``in-backward``: the default plus ``optimizer_in_backward=True``.
+
+Peak RSS on glibc depends on how freed heap blocks are reused, and it moved by up to ~450 MiB between identical
+single runs here, hence the repeated runs.
+
+    python benchmarks/ppo_memory.py --runs 3                  # SmolLM2-135M, all variants
+    python benchmarks/ppo_memory.py --model tiny --variants default neither --runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ppo_vs_trl  # noqa: E402
+
+VARIANTS = ("default", "no-release", "no-lean", "neither", "in-backward")
+
+
+def run_variant(variant: str, spec: dict) -> dict:
+    """crslight's side of the benchmark with ``variant``'s measures switched off (runs in the child process)."""
+    import crslight.modules.policy
+    import crslight.modules.ppo
+
+    if variant in ("no-release", "neither"):
+        crslight.modules.ppo.release_heap = lambda: False
+    if variant in ("no-lean", "neither"):
+        crslight.modules.policy.lean_mlps = lambda model: 0
+    return ppo_vs_trl.run_crslight({**spec, "optimizer_in_backward": variant == "in-backward"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=ppo_vs_trl.MODELS, default="smollm2")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per variant")
+    parser.add_argument("--steps", type=int, default=1, help="timed PPO steps per run (after one warm-up step)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.child_out.write_text(json.dumps(run_variant(args.child, json.loads(args.spec.read_text()))))
+        return
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = argparse.Namespace(batch_size=8, new_tokens=32, ppo_epochs=2, warmup=1, steps=args.steps,
+                                  precision="32-true", critic="shared", optimizer_in_backward=False, threads=1,
+                                  seed=0, prompt_length=64, dialogues=200)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ppo_memory-") as tmp:
+        folder = Path(tmp)
+        spec_path, out_path = folder / "spec.json", folder / "out.json"
+        spec_path.write_text(json.dumps(ppo_vs_trl.prepare(args.model, settings, folder)))
+        for variant in args.variants:
+            runs = []
+            for _ in range(args.runs):
+                command = [sys.executable, __file__, "--child", variant, "--spec", str(spec_path), "--child-out",
+                           str(out_path)]
+                subprocess.run(command, check=True, stdout=sys.stderr)
+                runs.append(json.loads(out_path.read_text()))
+            peaks = [round(r["peak_rss_mb"]) for r in runs]
+            results[variant] = {"peak_rss_mb": peaks, "median_peak_rss_mb": statistics.median(peaks),
+                                "step_s": [r["step_s"] for r in runs]}
+            print(json.dumps({variant: results[variant]}), file=sys.stderr, flush=True)
+    print(f"| variant ({args.model}) | peak RSS MiB, each run | median |\n|---|---|---:|")
+    for variant, r in results.items():
+        print(f"| {variant} | {', '.join(map(str, r['peak_rss_mb']))} | {r['median_peak_rss_mb']:.0f} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
