@@ -11,9 +11,9 @@ does the same in Triton; this is plain PyTorch, so it runs on CPUs too). With Sm
 
 **Releasing the heap.** On a CPU, tensors come from glibc's ``malloc``. Freed blocks stay in the process (and in its
 resident memory) until the top of the heap is free, which it rarely is in training: after a PPO update's backward pass
-about 1.2 GiB of SmolLM2's activations sat freed but resident, and the next large allocations were new memory on top.
-:func:`release_heap` (glibc's ``malloc_trim``, a few milliseconds) hands free pages back; PPO calls it where a phase
-has just freed a lot and another is about to allocate (docs/benchmarks.md has the traces).
+up to 1.4 GiB of SmolLM2's activations sat freed but resident, and the next large allocations were new memory on top.
+:func:`release_heap` (glibc's ``malloc_trim``) hands free pages back; PPO calls it where a phase has just freed a lot
+and another is about to allocate (docs/benchmarks.md has the traces).
 """
 
 from __future__ import annotations
