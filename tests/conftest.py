@@ -1,6 +1,8 @@
-"""Session-wide fixtures: the real SmolLM2 tokenizer and a tiny random Llama that matches it."""
+"""Session-wide fixtures: the real SmolLM2 tokenizer, tiny random models that match it, the real-data folders, the
+MiniLM encoder, and a private corpus cache."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -9,6 +11,45 @@ import pytest  # noqa: E402
 # The user's cache as it is at start-up: folder conftests may point CRSLIGHT_CACHE at a temporary
 # folder per test, which would make the session fixtures re-convert the tokenizer from GGUF (5 s).
 _CACHE_AT_START = os.environ.get("CRSLIGHT_CACHE")
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def shared_folder(name: str) -> Path:
+    """The real benchmark folder; missing is a skip on a laptop and a failure in CI (``CI=true``)."""
+    folder = (SHARED_DATA / name).resolve()
+    if not folder.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real data folder {folder} is missing (required in CI)")
+        pytest.skip(f"real data folder {folder} is missing")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def redial_root() -> Path:
+    return shared_folder("redial")
+
+
+@pytest.fixture(scope="session")
+def opendialkg_root() -> Path:
+    return shared_folder("opendialkg")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """``CRSLIGHT_CACHE`` at this session's own folder: converted corpora never go to, or come from, the user's cache
+    (folder conftests make it autouse)."""
+    folder = tmp_path_factory.getbasetemp() / "crslight-cache"
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The MiniLM sentence model, loaded once for the whole session (metrics and signals share it through the cache)."""
+    from crslight.metrics.encoder import load_sentence_model
+
+    return load_sentence_model("minilm")
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +79,43 @@ def tiny_lm(tiny_tokenizer):
     from crslight.models.loading import tiny_causal_lm
 
     return tiny_causal_lm(tiny_tokenizer, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models
+    run fastest so, as two threads spin against each other on a busy two-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_tokenizer, tmp_path_factory):
+    """A folder with a tiny random Llama (seed 0) and the SmolLM2 tokenizer: what ``model:`` points at in a config.
+    Shared by the whole session: read it, never write into it."""
+    from crslight.models.loading import tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tmp_path_factory):
+    """An untrained tiny R_phi saved as a checkpoint, as ``crslight fit`` would write it (a random 2-layer Llama
+    over the SmolLM2 tokenizer)."""
+    import lightning
+    import torch
+
+    from crslight.modules.reward import RewardModule
+
+    module = RewardModule(backbone="tiny")
+    path = tmp_path_factory.mktemp("reward") / "reward.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return str(path)

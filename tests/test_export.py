@@ -8,28 +8,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crslight.cli import main
 from crslight.data.datamodules import Synthetic
 from crslight.export import export
-from crslight.models import tiny_causal_lm
 from crslight.modules.policy import merge_lora
 from crslight.modules.ppo import PPOModule
 from crslight.modules.sft import SFTModule
 from crslight.signals import AcceptanceSignal
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_and_save(module, task, policy, path):

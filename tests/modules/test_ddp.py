@@ -5,11 +5,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-from crslight.models import tiny_causal_lm
 
 PPO_SCRIPT = """
 import sys
@@ -53,15 +50,6 @@ torch.save({"params": state, "kl_coef": module.kl_controller.value, "episodes": 
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
            f"{out}/rank{trainer.global_rank}.pt")
 """
-
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def _run(script: str, folder, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:

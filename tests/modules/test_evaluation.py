@@ -14,14 +14,6 @@ EXPECTED = {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "recall@1
             "satisfaction", "acceptance", "coherence", "distinct-2"}
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_policy_eval")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def cli_args(command, policy, root, *extra):
     return [
         command, "--seed_everything=0", "--model=SFTModule", f"--model.model={policy}", "--model.eval_episodes=3",

@@ -4,45 +4,17 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
-from crslight.models import tiny_causal_lm
 from crslight.modules.experience import RunningMoments, turn_returns
 from crslight.modules.ppo import PPOModule, allocate_adam_state
-from crslight.modules.reward import RewardModule
 from crslight.modules.rollout import Recorder, Sampler, pack
 from crslight.signals import AcceptanceSignal
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_reward(tiny_policy, tmp_path_factory):
-    """An untrained tiny R_phi saved as a checkpoint, as ``crslight fit`` would write it."""
-    module = RewardModule(backbone="tiny")  # a random 2-layer Llama over the SmolLM2 tokenizer
-    path = tmp_path_factory.mktemp("reward") / "reward.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(module, policy, steps=2, batch_size=4):

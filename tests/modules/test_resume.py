@@ -1,43 +1,16 @@
 """Checkpoints hold the whole state: 2 steps + resume 2 steps ends exactly where 4 steps straight end."""
 
-import lightning
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
-from crslight.models import tiny_causal_lm
 from crslight.modules.policy import RNG_KEY, STATE_KEY
 from crslight.modules.ppo import PPOModule
-from crslight.modules.reward import RewardModule
 from crslight.modules.sft import SFTModule
 from crslight.signals import AcceptanceSignal
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_reward(tiny_policy, tmp_path_factory):
-    module = RewardModule(backbone="tiny")  # a random 2-layer Llama over the SmolLM2 tokenizer
-    path = tmp_path_factory.mktemp("reward") / "reward.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(make_module, data_options, epochs, ckpt_in=None, ckpt_out=None):

@@ -9,26 +9,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import IGNORE_INDEX, Synthetic
-from crslight.models import tiny_causal_lm
 from crslight.modules.sft import SFTModule, lm_loss, warmup_cosine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin against each other on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tiny_tokenizer, tmp_path_factory):
-    """A folder with a tiny random Llama and the SmolLM2 tokenizer (what ``model:`` points at in a config)."""
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lm_loss_by_hand():

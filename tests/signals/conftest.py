@@ -34,11 +34,3 @@ def _make_batch(**columns) -> SignalBatch:
 def make_batch():
     """``make_batch(reply=[...], reaction=[...])``: a SignalBatch with neutral defaults for the other fields."""
     return _make_batch
-
-
-@pytest.fixture(scope="session")
-def minilm():
-    """The MiniLM sentence model, loaded once for the whole session (the signals share it through the cache)."""
-    from crslight.metrics.encoder import load_sentence_model
-
-    return load_sentence_model("minilm")

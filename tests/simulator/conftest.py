@@ -1,11 +1,8 @@
-"""Shared fixtures: the real-data folder (skip locally when missing, fail in CI), a small catalogue, a tiny chat LM."""
+"""Simulator fixtures: a private corpus cache, a small catalogue, a tiny chat LM (the real-data folders come from the
+root conftest)."""
 
-import os
-from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -28,30 +25,9 @@ CATALOGUE = [
 ]
 
 
-def shared_folder(name: str) -> Path:
-    """The real benchmark folder; missing is a skip on a laptop and a failure in CI (``CI=true``)."""
-    folder = (SHARED_DATA / name).resolve()
-    if not folder.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"real data folder {folder} is missing (required in CI)")
-        pytest.skip(f"real data folder {folder} is missing")
-    return folder
-
-
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Converted corpora go to a session-private cache, never the user's."""
-    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path_factory.getbasetemp() / "crslight-cache"))
-
-
-@pytest.fixture(scope="session")
-def redial_root() -> Path:
-    return shared_folder("redial")
-
-
-@pytest.fixture(scope="session")
-def opendialkg_root() -> Path:
-    return shared_folder("opendialkg")
+def _isolated_cache(isolated_cache):
+    """Converted corpora go to the session's own cache (the root conftest's ``isolated_cache``), never the user's."""
 
 
 @pytest.fixture
