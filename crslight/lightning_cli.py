@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +58,34 @@ def write_test_metrics(trainer: Trainer) -> Path:
     return out
 
 
+def constructor_error(error: BaseException) -> tuple[str, BaseException] | None:
+    """``(class name, error)`` when the innermost cause of ``error`` was raised inside a class's ``__init__`` (a
+    model, DataModule or signal rejecting its arguments), else ``None``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    owner = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__init__" and "self" in tb.tb_frame.f_locals:
+            owner = type(tb.tb_frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return (owner, error) if owner is not None else None
+
+
 class CRSLightningCLI(LightningCLI):
     """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` written after ``test``)."""
+
+    def instantiate_classes(self) -> None:
+        """A constructor that rejects its arguments ends the command with its own message, naming the class, instead
+        of jsonargparse's union-type error around two tracebacks."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            found = constructor_error(error)
+            if found is None:
+                raise
+            owner, cause = found
+            sys.exit(f"error: {owner}: {cause}")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones

@@ -16,3 +16,19 @@ def test_data_stats_on_a_folder_without_the_files(capsys, tmp_path, monkeypatch)
     assert main(["data", "stats", "--dataset", "redial", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "missing train_data.jsonl, test_data.jsonl, movies_with_mentions.csv" in err
+
+
+def test_a_constructor_rejecting_an_option_ends_with_its_message(monkeypatch, capsys):
+    from pathlib import Path
+
+    import pytest
+
+    from crslight.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/synthetic/ppo.yaml", "--model.init_args.optimizer_in_backward=true",
+              "--trainer.logger=false"])
+    message = str(exit_info.value)
+    assert message.startswith("error: PPOModule: optimizer_in_backward ")
+    assert "gradient_clip_val to null (got 1.0)" in message and "Traceback" not in message
