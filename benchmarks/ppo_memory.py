@@ -132,9 +132,7 @@ def main() -> None:
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = argparse.Namespace(batch_size=8, new_tokens=32, ppo_epochs=2, warmup=1, steps=args.steps,
-                                  precision="32-true", critic="shared", optimizer_in_backward=False, threads=1,
-                                  seed=0, prompt_length=64, dialogues=200)
+    settings = ppo_vs_trl.build_parser().parse_args(["--steps", str(args.steps)])  # ppo_vs_trl's defaults
     results = {}
     with tempfile.TemporaryDirectory(prefix="ppo_memory-") as tmp:
         folder = Path(tmp)

@@ -283,7 +283,8 @@ def compare(model: str, args) -> dict:
     return row
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (``benchmarks/ppo_memory.py`` reads the same settings from it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per PPO step (one minibatch, one micro-batch)")
@@ -308,7 +309,11 @@ def main() -> None:
     parser.add_argument("--child", choices=["crslight", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.child:
         spec = json.loads(args.spec.read_text())
