@@ -45,7 +45,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
     sim.add_argument("--root", default=None)
     sim.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    sim.add_argument("--policy", default="popularity", help="random, popularity, or a model folder / alias")
+    sim.add_argument("--policy", default="popularity",
+                     help="random, popularity, popularity-catalogue, oracle (synthetic), or a model folder / alias")
     sim.add_argument("--episodes", type=int, default=200)
     sim.add_argument("--max-turns", type=int, default=3)
     sim.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,8 @@
 
 Models and DataModules are chosen in YAML by class name (``model: {class_path: PPOModule, init_args: ...}``);
 plugins are imported first so that their classes resolve by short name too. ``test`` also writes
-``test_metrics.json`` (a flat ``{"test/recall@10": ...}``) into the run's log folder.
+``test_metrics.json`` (a flat ``{"test/recall@10": ...}``) into the run's log folder, and, for a policy tested with
+simulator episodes, ``test_episodes.jsonl`` (one record per episode, ``crslight.modules.evaluation.episode_record``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def write_test_metrics(trainer: Trainer) -> Path:
     return out
 
 
+def write_test_episodes(trainer: Trainer, records: list[dict]) -> Path:
+    """Writes the test's per-episode records (``crslight.modules.evaluation.episode_record``, every rank's, by episode
+    index) as ``test_episodes.jsonl`` beside ``test_metrics.json``; rank 0 writes."""
+    from crslight.modules.evaluation import save_episode_records
+
+    out = run_dir(trainer) / "test_episodes.jsonl"
+    if trainer.is_global_zero:
+        save_episode_records(out, records)
+        print(f"test episodes written to {out}")
+    return out
+
+
 def constructor_error(error: BaseException) -> tuple[str, BaseException] | None:
     """``(class name, error)`` when the innermost cause of ``error`` was raised inside a class's ``__init__`` (a
     model, DataModule or signal rejecting its arguments), else ``None``."""
@@ -73,7 +86,8 @@ def constructor_error(error: BaseException) -> tuple[str, BaseException] | None:
 
 
 class CRSLightningCLI(LightningCLI):
-    """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` written after ``test``)."""
+    """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` and ``test_episodes.jsonl``
+    written after ``test``)."""
 
     def instantiate_classes(self) -> None:
         """A constructor that rejects its arguments ends the command with its own message, naming the class, instead
@@ -109,6 +123,9 @@ class CRSLightningCLI(LightningCLI):
 
     def after_test(self) -> None:
         write_test_metrics(self.trainer)
+        records = getattr(getattr(self.model, "evaluator", None), "episode_records", None)
+        if records:
+            write_test_episodes(self.trainer, records)
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> CRSLightningCLI:

@@ -9,9 +9,17 @@ Two parts, both logged under ``test/`` and so written to ``test_metrics.json`` b
   against the dataset's simulated users: satisfaction (1-5), acceptance rate, mean turns, distinct-2 of the replies,
   and coherence (MiniLM cosine between the context and the reply, ``crslight.metrics.Coherence``); with a reward
   model, ``reward``: R_phi's mean score of those replies, so that base, SFT and PPO are judged by the same R_phi.
+  Every episode also leaves a record (:func:`episode_record`: index, dialogue, accepted, satisfaction, turns, reward,
+  items), gathered from every DDP rank and written by ``crslight test`` as ``test_episodes.jsonl``: episode ``i`` is
+  seeded by ``(seed, i)``, so two policies' records pair up by index, which ``crslight pipeline`` uses for paired
+  bootstrap intervals (``crslight.metrics.bootstrap``).
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +28,8 @@ from crslight.metrics import Coherence, DistinctN, ItemCoverage, MRRAtK, NDCGAtK
 from crslight.models.retrieval import previous_mask
 
 KS = (1, 10, 50)
+#: The base seed of the test episodes (``PolicyEvaluator``'s default): reference policies run the same episodes.
+EPISODE_SEED = 0
 
 
 class RankingEvaluator(nn.Module):
@@ -77,9 +87,10 @@ class ConversationEvaluator(nn.Module):
         self.turns = Satisfaction()
         self.distinct = DistinctN(n=(2,))
         self.coherence = Coherence(model=coherence_model) if coherence_model else None
+        self.records: list[dict] = []  # one per episode of this rank, in the order added (episode_record)
 
     def update(self, episodes) -> None:
-        """Adds finished ``crslight.simulator.env.Episode`` objects."""
+        """Adds finished ``crslight.simulator.env.Episode`` objects (their metrics and one record each)."""
         if not episodes:
             return
         self.satisfaction.update([e.satisfaction for e in episodes])
@@ -94,7 +105,15 @@ class ConversationEvaluator(nn.Module):
 
             scorer = RewardModule.load(self.reward_model_path)
             scores = scorer.score(contexts=[t.context for t in transitions], replies=[t.reply for t in transitions])
-            self.reward.update(scores.float().cpu().tolist())
+            scores = scores.float().cpu().tolist()
+            self.reward.update(scores)
+            starts = [0]
+            for e in episodes:
+                starts.append(starts[-1] + e.steps)
+            self.records.extend(episode_record(e, sum(scores[a:b]) / (b - a) if b > a else math.nan)
+                                for e, a, b in zip(episodes, starts[:-1], starts[1:], strict=True))
+        else:
+            self.records.extend(episode_record(e) for e in episodes)
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {
@@ -113,6 +132,54 @@ class ConversationEvaluator(nn.Module):
         for metric in (self.satisfaction, self.acceptance, self.turns, self.distinct, self.coherence, self.reward):
             if metric is not None:
                 metric.reset()
+        self.records = []
+
+
+def episode_record(episode, reward: float | None = None) -> dict:
+    """One line of ``test_episodes.jsonl`` for a finished ``crslight.simulator.env.Episode``.
+
+    Args:
+        episode: the episode.
+        reward: R_phi's mean score of its replies; None (no reward model) leaves the key out.
+
+    Returns:
+        ``{"episode", "dialogue_id", "accepted" (0/1), "satisfaction", "turns" (replies), "ending", "items" (the
+        catalogue ids read in each reply)[, "reward"]}``; the means of ``accepted`` and ``satisfaction`` over the
+        records are ``test/acceptance`` and ``test/satisfaction``, and the ``turns``-weighted mean of ``reward`` is
+        ``test/reward`` (a mean over replies).
+    """
+    record = {"episode": int(episode.index), "dialogue_id": str(episode.dialogue_id), "accepted": int(episode.accepted),
+              "satisfaction": float(episode.satisfaction), "turns": int(episode.steps), "ending": episode.ending,
+              "items": [list(t.items) for t in episode.transitions]}
+    if reward is not None:
+        record["reward"] = None if math.isnan(reward) else float(reward)
+    return record
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's episode records, sorted by episode index (``all_gather_object`` when ``torch.distributed`` is
+    initialized; every rank must call it then). Without DDP: this rank's records, sorted."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shares: list[list[dict] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, list(records))
+        records = [r for share in shares for r in share or []]
+    return sorted(records, key=lambda r: r["episode"])
+
+
+def save_episode_records(path: str | Path, records: list[dict]) -> Path:
+    """Writes records as JSON lines (one episode per line; NaN as ``null``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in records]
+    path.write_text("".join(json.dumps(r) + "\n" for r in clean))
+    return path
+
+
+def load_episode_records(path: str | Path) -> list[dict]:
+    """The records of a ``test_episodes.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, root: str | None = None,
@@ -149,11 +216,12 @@ class PolicyEvaluator(nn.Module):
     """
 
     def __init__(self, num_items: int, episodes: int = 32, max_turns: int = 2, max_new_tokens: int = 40,
-                 coherence_model: str = "minilm", reward_model: str | None = None, seed: int = 0):
+                 coherence_model: str = "minilm", reward_model: str | None = None, seed: int = EPISODE_SEED):
         super().__init__()
         self.ranking = RankingEvaluator(num_items)
         self.conversation = ConversationEvaluator(coherence_model, reward_model) if episodes else None
         self.episodes, self.max_turns, self.max_new_tokens, self.seed = episodes, max_turns, max_new_tokens, seed
+        self.episode_records: list[dict] = []  # every rank's episode records after ``finish``, by episode index
 
     @torch.no_grad()
     def step(self, policy, head, batch) -> None:
@@ -166,7 +234,8 @@ class PolicyEvaluator(nn.Module):
 
     @torch.no_grad()
     def finish(self, policy, tokenizer, datamodule, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        """Computes the ranking metrics, runs this rank's episodes, and returns every metric (reduced over ranks)."""
+        """Computes the ranking metrics, runs this rank's episodes, and returns every metric (reduced over ranks);
+        every rank's episode records are then in ``episode_records``."""
         from crslight.simulator.policies import LMPolicy
 
         out = self.ranking.compute()
@@ -182,6 +251,7 @@ class PolicyEvaluator(nn.Module):
             self.conversation.update(run_episodes(lm, corpus, self.episodes, self.max_turns, self.seed,
                                                   root=datamodule.root, rank=rank, world_size=world_size))
             out.update(self.conversation.compute())
+            self.episode_records = gather_records(self.conversation.records)
             self.conversation.reset()
             policy.train(was_training)
         return out

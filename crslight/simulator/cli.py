@@ -17,12 +17,19 @@ from crslight.simulator.env import ConversationEnv, Policy, summarise
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
 from crslight.simulator.persona import PersonaSimulator
-from crslight.simulator.policies import LMPolicy, PopularityPolicy, RandomPolicy, interaction_counts
+from crslight.simulator.policies import (
+    AttributeOraclePolicy,
+    LMPolicy,
+    PopularityPolicy,
+    RandomPolicy,
+    interaction_counts,
+)
 
 #: Built-in policy names: ``random`` (uniform over unmentioned items), ``popularity`` (most accepted in the train
 #: split, :func:`~crslight.simulator.policies.interaction_counts`), ``popularity-catalogue`` (the catalogue's
-#: ``popularity`` column).
-POLICIES = ("random", "popularity", "popularity-catalogue")
+#: ``popularity`` column), ``oracle`` (synthetic only: the most popular item of the genre and mood the seeker stated,
+#: :class:`~crslight.simulator.policies.AttributeOraclePolicy`).
+POLICIES = ("random", "popularity", "popularity-catalogue", "oracle")
 NOUNS = {"redial": "movie", "synthetic": "movie", "opendialkg": "one"}
 
 
@@ -46,18 +53,36 @@ def default_simulator(corpus, root: str | None = None) -> UserSimulator:
     return GroundedSimulator(corpus.catalogue, dwell=REDIAL_DWELL, style="opendialkg", noun="one")
 
 
-def make_policy(name: str, corpus, seed: int = 0, root: str | None = None) -> Policy:
-    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy`."""
+def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train=None) -> Policy:
+    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy`.
+
+    Args:
+        name: a built-in name or a model name / folder.
+        corpus: the split the episodes come from (its catalogue is the policy's).
+        seed: seeds ``random`` and an LM's sampling.
+        root: the dataset's folder (for loading the train split).
+        train: the train split whose acceptances rank ``popularity`` (default: loaded from ``root`` with the
+            default options; pass the DataModule's when it has its own, e.g. a smaller synthetic scenario).
+
+    Raises:
+        ValueError: for ``oracle`` on a dataset other than ``synthetic``, or a path that is not a model folder.
+    """
     noun = NOUNS.get(corpus.name, "movie")
     if name == "random":
         return RandomPolicy(corpus.catalogue, seed=seed, noun=noun)
     if name == "popularity":
         from crslight.data import load_corpus
 
-        train = corpus if corpus.split == "train" else load_corpus(corpus.name, root, "train")
+        if train is None:
+            train = corpus if corpus.split == "train" else load_corpus(corpus.name, root, "train")
         return PopularityPolicy(corpus.catalogue, interaction_counts(train.dialogues), noun=noun)
     if name == "popularity-catalogue":
         return PopularityPolicy(corpus.catalogue, noun=noun)
+    if name == "oracle":
+        if corpus.name != "synthetic":
+            raise ValueError(f"the oracle policy reads the genre and mood that synthetic seekers state; it needs "
+                             f"--dataset synthetic, not {corpus.name!r}")
+        return AttributeOraclePolicy(corpus.catalogue, noun=noun)
     path = Path(name).expanduser()
     if (path.is_absolute() or name.startswith(".")) and not path.exists():
         raise ValueError(f"unknown policy {name!r}: not one of {', '.join(POLICIES)}, and no such model folder")
@@ -79,7 +104,8 @@ def simulate(
     Args:
         dataset: ``redial``, ``opendialkg`` or ``synthetic``.
         root: the dataset's folder (None for ``synthetic``).
-        policy: ``random``, ``popularity``, ``popularity-catalogue``, ``smollm2`` or a transformers model folder.
+        policy: ``random``, ``popularity``, ``popularity-catalogue``, ``oracle`` (synthetic), ``smollm2`` or a
+            transformers model folder.
         episodes: number of episodes.
         max_turns: policy replies per episode at most.
         seed: seeds episode sampling, the simulator and the random policy.

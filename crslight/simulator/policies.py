@@ -10,6 +10,8 @@ know which it runs.
   Popularity is the catalogue's column, or (what ``crslight simulate --policy popularity`` uses) how often users of
   the train split accepted the item (:func:`interaction_counts`): the catalogue column is weak evidence in the
   synthetic scenario (a 0.2 · rank utility bonus) and, in ReDial, counts test dialogues too.
+- :class:`AttributeOraclePolicy` (synthetic scenario only) reads the genre and mood the seeker *said* they want and
+  names the most popular matching item: the reference a policy that understood the request should reach.
 - :class:`LMPolicy` asks a causal LM (chat template, seeker → ``user``, recommender → ``assistant``).
 
 The baselines phrase their pick as a sentence with the title (so the item linker, not a side channel, reads it).
@@ -19,11 +21,13 @@ the same reply whatever the batch it arrives in, which keeps episodes independen
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER
+from crslight.data import synthetic
+from crslight.data.schema import RECOMMENDER, SEEKER
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.lm import generate_chat, to_chat
@@ -119,6 +123,66 @@ class PopularityPolicy:
             name = next((n for i, n in self.ranked if i not in taken), self.ranked[0][1])
             replies.append(phrase(name, context, self.noun))
         return replies
+
+
+_GENRE = re.compile(r"recommend an? (" + "|".join(map(re.escape, synthetic.GENRES)) + r") movie", re.IGNORECASE)
+_MOOD = re.compile(r"something (" + "|".join(synthetic.ITEM_MOODS) + r") would be nice", re.IGNORECASE)
+
+
+def stated_wishes(context: list[dict]) -> tuple[str | None, str | None]:
+    """``(genre, mood)`` the synthetic seeker asked for in the context's seeker turns (the latest statement of each),
+    ``None`` for what they did not say (a happy seeker states no mood).
+
+    >>> stated_wishes([{"role": "seeker", "text": "Hi! I'm so bored tonight. Can you recommend a sci-fi movie? "
+    ...                 "Something thrilling would be nice.", "items": []}])
+    ('sci-fi', 'thrilling')
+    """
+    genre = mood = None
+    for t in context:
+        if t["role"] != SEEKER:
+            continue
+        genres, moods = _GENRE.findall(t["text"]), _MOOD.findall(t["text"])
+        genre = genres[-1].lower() if genres else genre
+        mood = moods[-1].lower() if moods else mood
+    return genre, mood
+
+
+class AttributeOraclePolicy:
+    """The synthetic scenario's reference policy: it acts on what the seeker has *said*, and nothing else.
+
+    From the seeker turns it reads the genre asked for (``Can you recommend a comedy movie?``) and the mood wished
+    (``Something uplifting would be nice.``), as :func:`stated_wishes`, and names the most popular item (catalogue
+    ``popularity`` column) of that genre and mood not yet mentioned; with none left, of that genre; then the most
+    popular unmentioned item. It never reads the hidden persona (other liked genres, favourite era, seen items), so
+    it is what a policy that fully understood the request reaches, not the best possible policy.
+
+    Args:
+        catalogue: the synthetic catalogue (``attributes`` as ``genre=..; mood=..; era=..``).
+        noun: what the items are called.
+    """
+
+    def __init__(self, catalogue, noun: str = "movie"):
+        rows = catalogue_rows(catalogue)
+        order = sorted(range(len(rows)), key=lambda i: -rows[i]["popularity"])  # stable: ties in catalogue order
+        self.ranked = []
+        for i in order:
+            attrs = dict(kv.split("=", 1) for kv in (rows[i]["attributes"] or "").split("; ") if "=" in kv)
+            self.ranked.append((rows[i]["item_id"], rows[i]["name"], attrs.get("genre"), attrs.get("mood")))
+        self.noun = noun
+
+    def pick(self, context: list[dict]) -> tuple[str, str]:
+        """``(item_id, name)`` of the recommendation for one context."""
+        genre, mood = stated_wishes(context)
+        taken = mentioned(context)
+        free = [r for r in self.ranked if r[0] not in taken] or self.ranked
+        for want_genre, want_mood in ((genre, mood), (genre, None)):
+            match = next((r for r in free if want_genre in (None, r[2]) and want_mood in (None, r[3])), None)
+            if match is not None:
+                return match[0], match[1]
+        return free[0][0], free[0][1]
+
+    def __call__(self, contexts: list[list[dict]]) -> list[str]:
+        return [phrase(self.pick(context)[1], context, self.noun) for context in contexts]
 
 
 #: The same system prompt the DataModules train with, so a policy is prompted as it was trained.

@@ -36,6 +36,23 @@ def test_test_writes_every_metric(tiny_policy, tmp_path, monkeypatch):
     assert 1 <= metrics["test/satisfaction"] <= 5
 
 
+def test_test_writes_one_record_per_episode_whose_means_are_the_metrics(tiny_policy, tmp_path, monkeypatch):
+    from crslight.modules.evaluation import load_episode_records
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    run_lightning_cli(cli_args("test", tiny_policy, tmp_path, "--model.eval_episodes=5", "--model.eval_max_turns=2"))
+    (metrics_file,) = tmp_path.rglob("test_metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    records = load_episode_records(metrics_file.parent / "test_episodes.jsonl")
+    assert [r["episode"] for r in records] == [0, 1, 2, 3, 4]  # one row per episode, by index
+    assert {"episode", "dialogue_id", "accepted", "satisfaction", "turns", "items"} <= set(records[0])
+    assert "reward" not in records[0]  # no R_phi configured
+    assert sum(r["accepted"] for r in records) / 5 == pytest.approx(metrics["test/acceptance"], abs=1e-6)
+    assert sum(r["satisfaction"] for r in records) / 5 == pytest.approx(metrics["test/satisfaction"], abs=1e-6)
+    assert sum(r["turns"] for r in records) / 5 == pytest.approx(metrics["test/turns"], abs=1e-6)
+    assert all(len(r["items"]) == r["turns"] and r["accepted"] in (0, 1) for r in records)
+
+
 def test_sft_trains_the_ranking_head_and_a_checkpoint_keeps_it(tiny_policy, tmp_path, monkeypatch):
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
     cli = run_lightning_cli(cli_args("fit", tiny_policy, tmp_path, "--trainer.max_steps=3",
@@ -76,6 +93,59 @@ def test_reward_is_the_mean_r_phi_score_of_the_episode_replies(tiny_tokenizer, t
     expected = RewardModule.load(path).score(contexts=[t.context for t in transitions],
                                              replies=[t.reply for t in transitions]).mean()
     assert evaluator.compute()["reward"] == pytest.approx(float(expected), abs=1e-6)
+    # each episode's record holds the mean score of its own replies; weighted by replies they give back the mean
+    records = evaluator.records
+    assert [r["episode"] for r in records] == [0, 1, 2] and sum(r["turns"] for r in records) == len(transitions)
+    first = episodes[0].steps
+    assert records[0]["reward"] == pytest.approx(float(expected_scores(path, transitions)[:first].mean()), abs=1e-6)
+    per_reply = sum(r["reward"] * r["turns"] for r in records) / len(transitions)
+    assert per_reply == pytest.approx(float(expected), abs=1e-6)
+
+
+def expected_scores(path, transitions):
+    from crslight.modules.reward import RewardModule
+
+    return RewardModule.load(path).score(contexts=[t.context for t in transitions],
+                                         replies=[t.reply for t in transitions])
+
+
+GATHER_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from crslight.modules.evaluation import gather_records
+
+def work(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mine = [{"episode": i, "rank": rank} for i in range(rank, 5, 2)]  # run_episodes' split: i % world_size
+    gathered = gather_records(mine)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(gathered, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def test_records_are_gathered_from_every_rank_by_episode_index(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        gathered = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["episode"] for r in gathered] == [0, 1, 2, 3, 4]
+        assert [r["rank"] for r in gathered] == [0, 1, 0, 1, 0]
 
 
 def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch):
