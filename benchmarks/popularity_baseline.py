@@ -19,34 +19,62 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
 from crslight.data import load_corpus
-from crslight.data.schema import rec_samples
+from crslight.data.schema import RecSample, rec_samples
 from crslight.modules.evaluation import ConversationEvaluator, RankingEvaluator, run_episodes
 from crslight.simulator.policies import PopularityPolicy, interaction_counts
 
 
-def popularity_ranking(train, test) -> dict[str, float]:
-    """Ranking metrics of the train-frequency ranking on every test recommendation sample."""
-    index = test.item_index
+def popularity_scores(train, index: dict[str, int]) -> torch.Tensor:
+    """``(n_items,)``: how often the training split's recommender turns mention each item, ties in catalogue order.
+
+    Args:
+        train: the training ``Corpus``.
+        index: item id → catalogue column (``corpus.item_index``).
+    """
     counts = Counter(s.item for s in rec_samples(train.dialogues) if s.item in index)
     scores = torch.zeros(len(index))
     for item, n in counts.items():
         scores[index[item]] = float(n)
     scores += torch.linspace(0, 1e-3, len(index)).flip(0)  # ties in catalogue order, as the simulator's policy breaks them
-    samples = [s for s in rec_samples(test.dialogues) if s.item in index]
+    return scores
+
+
+def evaluate_ranking(samples: list[RecSample], index: dict[str, int],
+                     score: Callable[[list[RecSample]], torch.Tensor], batch_size: int = 512) -> dict[str, float]:
+    """Ranking metrics (``RankingEvaluator``, as ``crslight test``) of a scorer on recommendation samples.
+
+    Args:
+        samples: the samples to rank (each ``item`` in ``index``).
+        index: item id → catalogue column.
+        score: a batch of samples → ``(b, n_items)`` scores, higher is better.
+        batch_size: samples scored at once.
+
+    Returns:
+        ``recall@k``, ``ndcg@k``, ``mrr@k``, their ``_new`` variants, ``item_coverage`` and ``samples``.
+    """
     evaluator = RankingEvaluator(len(index))
-    for start in range(0, len(samples), 512):
-        chunk = samples[start:start + 512]
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
         previous = [[index[i] for i in s.previous_items if i in index] or [-1] for s in chunk]
         width = max(len(p) for p in previous)
-        evaluator.update(scores.expand(len(chunk), -1), torch.tensor([index[s.item] for s in chunk]),
+        evaluator.update(score(chunk), torch.tensor([index[s.item] for s in chunk]),
                          torch.tensor([p + [-1] * (width - len(p)) for p in previous]))
     out = {k: float(v) for k, v in evaluator.compute().items()}
     out["samples"] = len(samples)
     return out
+
+
+def popularity_ranking(train, test) -> dict[str, float]:
+    """Ranking metrics of the train-frequency ranking on every test recommendation sample."""
+    index = test.item_index
+    scores = popularity_scores(train, index)
+    samples = [s for s in rec_samples(test.dialogues) if s.item in index]
+    return evaluate_ranking(samples, index, lambda chunk: scores.expand(len(chunk), -1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,14 @@
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_vs_trl.py"
@@ -78,3 +81,118 @@ def test_memory_ablation_runs_a_variant(tmp_path):
     assert done.stdout.splitlines()[-1].startswith("| neither |")
     result = json.loads(out.read_text())["neither"]
     assert len(result["peak_rss_mb"]) == 1 and result["peak_rss_mb"][0] > 0
+
+
+@pytest.fixture(scope="module")
+def cooccurrence():
+    spec = importlib.util.spec_from_file_location("cooccurrence_baseline", SCRIPT.parent / "cooccurrence_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dialogue(*turns):
+    """Alternating seeker / recommender turns, each a list of item ids."""
+    return [{"role": "seeker" if t % 2 == 0 else "recommender", "text": "", "items": list(items)}
+            for t, items in enumerate(turns)]
+
+
+# A and B always come together; C is the most popular recommendation (4 recommender mentions against B's 3) but
+# meets A once; D meets C once; E is in the catalogue and never mentioned.
+TINY_TRAIN = SimpleNamespace(dialogues={"turns": [
+    _dialogue(["A"], ["B"]),
+    _dialogue(["A"], ["B"]),
+    _dialogue(["A"], ["B", "C"]),
+    _dialogue([], ["C"]),
+    _dialogue([], ["C"]),
+    _dialogue([], ["C", "D"]),
+]})
+TINY_INDEX = {item: i for i, item in enumerate("ABCDE")}
+
+
+@pytest.mark.parametrize("method", ["itemknn", "ease"])
+def test_cooccurrence_ranks_the_cooccurring_item_above_the_popular_one(cooccurrence, method):
+    popularity = cooccurrence.popularity_scores(TINY_TRAIN, TINY_INDEX)
+    assert popularity.argmax() == TINY_INDEX["C"]
+    model, _ = cooccurrence.fit(method, cooccurrence.mention_matrix(TINY_TRAIN.dialogues["turns"], TINY_INDEX), 1.0, None)
+    scorer = cooccurrence.CooccurrenceScorer(model, TINY_INDEX, popularity)
+    sample = cooccurrence.RecSample(dialogue=0, turn=1, item="B", previous_items=("A",))
+    order = scorer([sample])[0].argsort(descending=True).tolist()
+    assert [order[0], order[1]] == [TINY_INDEX["B"], TINY_INDEX["C"]]  # then C, which met A once
+    assert scorer.fallbacks == 0
+
+
+def test_ease_weights_are_the_closed_form(cooccurrence):
+    # items A, B in 3 dialogues together: G = XᵀX + 1·I = [[4, 3], [3, 4]], P = G⁻¹ = [[4, -3], [-3, 4]] / 7,
+    # B_AB = -P_AB / P_BB = (3/7) / (4/7) = 0.75, diagonal 0; C (never mentioned) is left out of the inverse
+    mentions = cooccurrence.mention_matrix([_dialogue(["A"], ["B"])] * 3, {"A": 0, "B": 1, "C": 2})
+    model = cooccurrence.EASE(l2=1.0).fit(mentions)
+    assert model.items.tolist() == [0, 1]
+    assert model.weights == pytest.approx(np.array([[0.0, 0.75], [0.75, 0.0]]))
+    context = cooccurrence.context_matrix([cooccurrence.RecSample(0, 1, "B", ("A",))], {"A": 0, "B": 1, "C": 2})
+    assert model.predict(context) == pytest.approx(np.array([[0.0, 0.75, 0.0]]))
+    # Steck's closed form is, column by column, the ridge regression of an item's column on the other items' columns
+    mentions = cooccurrence.mention_matrix(TINY_TRAIN.dialogues["turns"], TINY_INDEX).toarray()[:, :4]  # A B C D
+    weights = cooccurrence.EASE(l2=1.0).fit(sp.csr_matrix(mentions)).weights
+    for j in range(4):
+        others = [i for i in range(4) if i != j]
+        x = mentions[:, others]
+        ridge = np.linalg.solve(x.T @ x + np.eye(3), x.T @ mentions[:, j])
+        assert weights[others, j] == pytest.approx(ridge) and weights[j, j] == 0
+
+
+def test_itemknn_keeps_the_nearest_neighbours(cooccurrence):
+    # cosine to C: A 1/sqrt(3·4) = 0.29, B 1/sqrt(3·4) = 0.29, D 1/sqrt(1·4) = 0.5; one neighbour keeps D only
+    mentions = cooccurrence.mention_matrix(TINY_TRAIN.dialogues["turns"], TINY_INDEX)
+    full = cooccurrence.ItemKNN().fit(mentions).similarity.toarray()
+    assert full[TINY_INDEX["C"]] == pytest.approx([12**-0.5, 12**-0.5, 0.0, 0.5, 0.0])
+    pruned = cooccurrence.ItemKNN(neighbours=1).fit(mentions).similarity.toarray()
+    assert pruned[TINY_INDEX["C"]] == pytest.approx([0.0, 0.0, 0.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("method", ["itemknn", "ease"])
+def test_context_without_known_items_gets_the_popularity_ranking(cooccurrence, method):
+    popularity = cooccurrence.popularity_scores(TINY_TRAIN, TINY_INDEX)
+    model, _ = cooccurrence.fit(method, cooccurrence.mention_matrix(TINY_TRAIN.dialogues["turns"], TINY_INDEX), 1.0, None)
+    scorer = cooccurrence.CooccurrenceScorer(model, TINY_INDEX, popularity)
+    # no item before the turn; only E, which no training dialogue mentions; an id outside the catalogue
+    samples = [cooccurrence.RecSample(0, 1, "B", ()), cooccurrence.RecSample(0, 3, "D", ("E",)),
+               cooccurrence.RecSample(0, 3, "C", ("Z",))]
+    scores = scorer(samples)
+    assert scorer.fallbacks == 3
+    for row in scores:
+        assert row.argsort(descending=True).tolist() == popularity.argsort(descending=True).tolist()  # C B A D E
+    ranked = cooccurrence.evaluate_ranking(samples, TINY_INDEX, cooccurrence.CooccurrenceScorer(model, TINY_INDEX,
+                                                                                                popularity))
+    assert ranked == cooccurrence.evaluate_ranking(samples, TINY_INDEX, lambda c: popularity.expand(len(c), -1))
+
+
+def test_remention_ranks_the_context_items_first(cooccurrence):
+    popularity = cooccurrence.popularity_scores(TINY_TRAIN, TINY_INDEX)
+    model = cooccurrence.EASE(1.0).fit(cooccurrence.mention_matrix(TINY_TRAIN.dialogues["turns"], TINY_INDEX))
+    sample = cooccurrence.RecSample(0, 3, "E", ("E", "A"))
+    plain = cooccurrence.CooccurrenceScorer(model, TINY_INDEX, popularity)([sample])[0]
+    first = cooccurrence.CooccurrenceScorer(model, TINY_INDEX, popularity, remention=True)([sample])[0]
+    assert plain.argmax() == TINY_INDEX["B"]
+    # A and E first, in the model's order: both score 0 (no self-weight, E never mentioned in training), so the
+    # popularity tie-break decides (neither is ever recommended: catalogue order, A before E); then B, A's partner
+    assert first.argsort(descending=True).tolist()[:3] == [TINY_INDEX["A"], TINY_INDEX["E"], TINY_INDEX["B"]]
+
+
+def test_cooccurrence_cli_on_synthetic(cooccurrence, tmp_path, isolated_cache, capsys):
+    out = tmp_path / "cooccurrence.json"
+    assert cooccurrence.main(["--dataset", "synthetic", "--n-eval-dialogues", "50", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["popularity", "itemknn", "itemknn + re-mention", "ease", "ease + re-mention"]
+    samples = rows["popularity"]["samples"]
+    assert samples > 0 and all(r["samples"] == samples for r in rows.values())
+    for method in ("itemknn", "ease"):
+        assert 0 < rows[method]["fallback_samples"] < samples and rows[method]["fit_seconds"] > 0
+        # the re-mention rule moves only items the _new variant leaves out
+        plain, first = rows[method], rows[f"{method} + re-mention"]
+        assert {k: v for k, v in plain.items() if k.endswith("_new")} == {
+            k: v for k, v in first.items() if k.endswith("_new")}
+    table = capsys.readouterr().out.splitlines()
+    assert "| metric | popularity | itemknn | itemknn + re-mention | ease | ease + re-mention |" in table
+    assert f"| samples | {samples} | {samples} | {samples} | {samples} | {samples} |" in table
