@@ -54,7 +54,8 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """The real SmolLM2 tokenizer (49152 tokens, chat template), left padding, pad ``<|endoftext|>``.
+    """The real SmolLM2 tokenizer (49152 tokens and the recommendation slot token, chat template), left padding, pad
+    ``<|endoftext|>``: what a policy is trained with.
 
     Shared by the whole session: do not mutate it. For right padding pass ``padding_side="right"``
     to the call (``tiny_tokenizer(texts, padding=True, padding_side="right")``).
@@ -66,7 +67,7 @@ def tiny_tokenizer():
             patch.delenv("CRSLIGHT_CACHE", raising=False)
         else:
             patch.setenv("CRSLIGHT_CACHE", _CACHE_AT_START)
-        return load_tokenizer(DEFAULT_POLICY, padding_side="left")
+        return load_tokenizer(DEFAULT_POLICY, padding_side="left", item_token=True)
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +102,29 @@ def tiny_policy(tiny_tokenizer, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_policy")
     tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_recommender(tiny_tokenizer, tmp_path_factory):
+    """Like ``tiny_policy``, but the recommendation slot token is likely (about half of the time after a chat prompt),
+    so that rollouts recommend items without training first. Read it, never write into it."""
+    import torch
+
+    from crslight.data.tokenize import encode_prompt
+    from crslight.models.loading import tiny_causal_lm
+    from crslight.models.retrieval import decoder_of
+
+    model = tiny_causal_lm(tiny_tokenizer, seed=0)
+    prompts = [encode_prompt(tiny_tokenizer, [{"role": "seeker", "text": text, "items": []}])
+               for text in ("Hi, I want a comedy", "Something calm please", "I'm bored", "Any thriller?")]
+    with torch.no_grad():
+        hidden = torch.cat([decoder_of(model)(input_ids=torch.tensor([p])).last_hidden_state[0] for p in prompts])
+        mean = hidden.mean(0)
+        model.get_output_embeddings().weight[tiny_tokenizer.convert_tokens_to_ids("<|item|>")] = 9 * mean / mean.norm() ** 2
+    folder = tmp_path_factory.mktemp("tiny_recommender")
+    model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return str(folder)
 

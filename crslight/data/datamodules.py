@@ -36,8 +36,10 @@ class SFTBatch(NamedTuple):
         labels: ``(b, t)`` the token id where the recommender speaks, ``-100`` elsewhere (unshifted, as transformers'
             causal LMs expect).
         rec_row: ``(n,)`` the batch row of each recommendation sample.
-        rec_position: ``(n,)`` the position whose hidden state predicts the recommender turn (the last token of its
-            role header, so the context is everything before the reply).
+        rec_position: ``(n,)`` the position whose hidden state scores the catalogue: the recommendation slot
+            (:data:`~crslight.data.tokenize.ITEM_TOKEN`) of the item; in the test split the turn's first slot for every
+            item of the turn (the protocol ranks once per turn: no item of the reply is seen), and the last token of
+            the role header for a turn whose items have no slot.
         rec_target: ``(n,)`` the catalogue row of the item the turn mentions.
         rec_previous: ``(n, m)`` catalogue rows of items mentioned earlier in the dialogue, ``-1``-padded (for the
             protocol variant that excludes them).
@@ -140,6 +142,7 @@ class CRSDataModule(LightningDataModule):
         self.max_samples = max_samples
         self.splits = {"fit": train_split, "validate": eval_split, "test": "test", "predict": "test"}
         self._tokenizer = None
+        self._item_names: dict[str, str] | None = None
         self._data: dict[str, object] = {}
         self.pairs = (pairs or PairOptions()) if task == "pairs" else pairs
 
@@ -157,8 +160,16 @@ class CRSDataModule(LightningDataModule):
         if self._tokenizer is None:
             from crslight.models.loading import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            self._tokenizer = load_tokenizer(self.tokenizer_name, item_token=True)
         return self._tokenizer
+
+    @property
+    def item_names(self) -> dict[str, str]:
+        """item id → catalogue name (one catalogue for every split): what recommendation slots write."""
+        if self._item_names is None:
+            catalogue = self.corpus(self.splits["fit"]).catalogue
+            self._item_names = dict(zip(catalogue["item_id"], catalogue["name"], strict=True))
+        return self._item_names
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -179,8 +190,9 @@ class CRSDataModule(LightningDataModule):
         if self.task == "sft" or split == self.splits["test"]:  # evaluation always reads whole dialogues
             rows = dialogues.select(range(min(self.max_samples, len(dialogues)))) if self.max_samples else dialogues
             # the test split is never cut: every recommendation sample of the protocol is scored
-            max_length = None if split == self.splits["test"] else self.max_length
-            return [self.encode_sft(turns, corpus.item_index, max_length) for turns in rows["turns"]]
+            test = split == self.splits["test"]
+            return [self.encode_sft(turns, corpus.item_index, None if test else self.max_length, first_slot=test)
+                    for turns in rows["turns"]]
         data = [
             PromptSample(self.encode_prompt(turns[:t]), d, t)
             for d, turns in enumerate(dialogues["turns"])
@@ -189,21 +201,25 @@ class CRSDataModule(LightningDataModule):
         ]
         return data[: self.max_samples] if self.max_samples else data
 
-    def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None) -> DialogueSample:
+    def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None,
+                   first_slot: bool = False) -> DialogueSample:
         """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``
-        (None: the whole dialogue)."""
-        enc = encode_dialogue(self.tokenizer, turns, self.system_prompt)
+        (None: the whole dialogue); the position is the item's slot, or with ``first_slot`` the turn's first slot
+        (see :class:`SFTBatch`)."""
+        enc = encode_dialogue(self.tokenizer, turns, self.system_prompt, self.item_names)
         ids = enc.input_ids[:max_length]
         labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
-        recs = [
-            (enc.turn_starts[s.turn] - 1, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index])
-            for s in rec_samples_of(0, turns)
-            if s.item in item_index and enc.turn_starts[s.turn] <= len(ids)
-        ]
+        recs = []
+        for s in rec_samples_of(0, turns):
+            slots = enc.slots[s.turn]
+            own = [p for p, item in slots if item == s.item]
+            position = (slots[0][0] if first_slot and slots else own[0] if own else enc.turn_starts[s.turn] - 1)
+            if s.item in item_index and position < len(ids):
+                recs.append((position, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index]))
         return DialogueSample(ids, labels, recs)
 
     def encode_prompt(self, turns: list[dict]) -> list[int]:
-        return encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_length)
+        return encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_length, self.item_names)
 
     # -- collation ----------------------------------------------------------------------------------------------
     @property

@@ -182,19 +182,23 @@ def load_tokenizer(
     name_or_path: str | os.PathLike,
     padding_side: Literal["left", "right"] = "left",
     trust_remote_code: bool = False,
+    item_token: bool = False,
 ) -> PreTrainedTokenizerBase:
     """Loads a tokenizer with a pad token and the requested padding side.
 
     When the tokenizer has no pad token, or its pad token is its EOS token (SmolLM2 ships that way),
     an existing distinct special token (the unk token, e.g. ``<|endoftext|>``) becomes the pad token,
     so ``input_ids != pad_token_id`` never masks out a real end-of-turn token. Only when there is none
-    does the pad token fall back to EOS. No token is added, so the vocabulary size is unchanged.
+    does the pad token fall back to EOS. No token is added for that, so the vocabulary size is unchanged; only
+``item_token`` adds one, the policy's recommendation slot (:data:`crslight.data.tokenize.ITEM_TOKEN`), and a model
+then needs :func:`fit_vocabulary`.
 
     Args:
         name_or_path: An alias, a local folder or a hub id (see :func:`resolve_model_path`).
         padding_side: ``"left"`` for batched generation with decoder-only models, ``"right"`` otherwise.
             The heads in :mod:`crslight.models.heads` work with either.
         trust_remote_code: Allow custom tokenizer code from the model folder.
+        item_token: Add the recommendation slot token (policies; not reward encoders).
 
     Returns:
         The tokenizer.
@@ -209,7 +213,31 @@ def load_tokenizer(
         elif tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
+    if item_token:
+        from crslight.data.tokenize import ITEM_TOKEN
+
+        if ITEM_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([ITEM_TOKEN], special_tokens=True)
     return tokenizer
+
+
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Grows ``model``'s embeddings to cover ``tokenizer`` (the added slot token), deterministically.
+
+    A new row starts as the mean of the existing rows (input, and output when untied), so its logit starts at the
+    average token's and loading the same base twice gives the same model (a LoRA checkpoint relies on that).
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return model
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            head.bias[old:] = head.bias[:old].mean()
+    return model
 
 
 def _as_dtype(dtype: Dtype) -> torch.dtype | str | None:

@@ -39,9 +39,21 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def title_token_ids(tokenizer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened token ids of each title (leading space, year dropped) and their offsets, for ``embedding_bag``."""
-    texts = [" " + (_YEAR.sub("", name).strip() or name) for name in names]
+def attribute_words(attributes: str | None) -> str:
+    """``"genre=drama; mood=calm"`` → ``"drama calm"``: the values of a catalogue ``attributes`` string."""
+    if not attributes:
+        return ""
+    return " ".join(part.split("=", 1)[-1].strip() for part in attributes.split(";") if part.strip())
+
+
+def title_token_ids(tokenizer, names: list[str], attributes: list[str | None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened token ids of each item's text and their offsets, for ``embedding_bag``: the title (leading space,
+    year dropped), then the values of its catalogue attributes when there are any (``"drama calm 2010s"``), so items
+    that share a genre or mood share part of their embedding."""
+    attributes = attributes or [None] * len(names)
+    texts = [" " + " ".join(filter(None, [_YEAR.sub("", name).strip() or name, attribute_words(attrs)]))
+             for name, attrs in zip(names, attributes, strict=True)]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     encoded = [ids or [tokenizer.eos_token_id] for ids in encoded]
     lengths = torch.tensor([len(ids) for ids in encoded])
@@ -75,8 +87,22 @@ class ItemHead(nn.Module):
         return head
 
     @classmethod
-    def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str]) -> ItemHead:
-        return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names))
+    def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str],
+                      attributes: list[str | None] | None = None) -> ItemHead:
+        return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names, attributes))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.title_offsets)
+
+    def log_probs(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, exclude: torch.Tensor | None = None,
+                  temperature: float = 1.0) -> torch.Tensor:
+        """The recommendation distribution at slot states: ``(n, h)`` → ``(n, n_items)`` float32 log-probabilities of
+        ``scores / temperature``, with the items in ``exclude`` (``(n, n_items)`` bool) given probability 0."""
+        scores = self(hidden, output_embeddings).float() / temperature
+        if exclude is not None:
+            scores = scores.masked_fill(exclude, float("-inf"))
+        return torch.log_softmax(scores, dim=-1)
 
     def item_table(self, output_embeddings: torch.Tensor) -> torch.Tensor:
         """``(n_items, h)``: each title's mean output-embedding row."""

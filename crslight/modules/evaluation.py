@@ -233,21 +233,26 @@ class PolicyEvaluator(nn.Module):
         self.ranking.update(rank_scores(policy, head, batch), batch.rec_target, batch.rec_previous)
 
     @torch.no_grad()
-    def finish(self, policy, tokenizer, datamodule, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+    def finish(self, policy, tokenizer, datamodule, rank: int = 0, world_size: int = 1,
+               item_head=None) -> dict[str, torch.Tensor]:
         """Computes the ranking metrics, runs this rank's episodes, and returns every metric (reduced over ranks);
-        every rank's episode records are then in ``episode_records``."""
-        from crslight.simulator.policies import LMPolicy
+        every rank's episode records are then in ``episode_records``.
+
+        In the episodes the policy's replies are decoded by the engine (:mod:`crslight.models.engine`): words
+        sampled (temperature 0.8, top-k 50), and at a recommendation slot the best item of its scores (``item_head``)
+        that the dialogue has not mentioned yet."""
+        from crslight.models.engine import Engine
+        from crslight.modules.rollout import EnginePolicy
 
         out = self.ranking.compute()
         self.ranking.reset()
         if self.conversation is not None and datamodule is not None:
             was_training = policy.training
             policy.eval()
-            # top-k rather than nucleus sampling: top-p sorts the whole vocabulary at every token, which on a CPU
-            # costs more than a small model's decoding step itself
-            lm = LMPolicy(policy, tokenizer, max_new_tokens=self.max_new_tokens, top_p=1.0, top_k=50,
-                          seed=self.seed + rank)
             corpus = datamodule.corpus("test")
+            engine = Engine(policy, tokenizer, item_head, corpus.catalogue["name"] if item_head is not None else None,
+                            max_new_tokens=self.max_new_tokens, temperature=0.8, top_k=50, greedy_items=True)
+            lm = EnginePolicy(engine, datamodule.encode_prompt, corpus.catalogue["item_id"], seed=self.seed + rank)
             self.conversation.update(run_episodes(lm, corpus, self.episodes, self.max_turns, self.seed,
                                                   root=datamodule.root, rank=rank, world_size=world_size))
             out.update(self.conversation.compute())

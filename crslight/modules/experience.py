@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
 
 from crslight.data.datamodules import PromptBatch
-from crslight.modules.rollout import Recorder, Sampler, Samples, pack
+from crslight.models.engine import Reply
+from crslight.modules.rollout import EnginePolicy, Samples, pack
 from crslight.rl import gae, group_normalized_advantages, kl_penalty, masked_whiten, per_token_rewards
 from crslight.signals.base import SignalBatch
 from crslight.simulator.base import simulator_class
@@ -194,20 +194,8 @@ class EpisodeSources:
         return self._envs[stage]
 
 
-def _generation_config(module) -> GenerationConfig:
-    hp, tokenizer = module.hparams, module.tokenizer
-    return GenerationConfig(
-        do_sample=True, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-
-
-def _prompts_of(batch: PromptBatch) -> list[list[int]]:
-    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
-
-
-def _single_turn_batch(contexts: list[list[dict]], replies: list[str], linker, names: dict[str, str]) -> SignalBatch:
-    items = linker.link_batch(replies)
+def _single_turn_batch(contexts: list[list[dict]], replies: list[Reply], names: dict[str, str]) -> SignalBatch:
+    items = [list(r.items) for r in replies]
     b = len(replies)
     return SignalBatch(context=contexts, reply=replies, items=items, item_names=[[names.get(i, i) for i in x]
                        for x in items], reaction=[None] * b, dwell_time=[math.nan] * b, labels=[{} for _ in range(b)],
@@ -247,30 +235,26 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     hp, tokenizer, trainer = module.hparams, module.tokenizer, module.trainer
     env = module.sources.environment(stage)
     corpus = module.sources.corpus(stage)
-    sampler = Sampler(module.policy, _generation_config(module), synced=trainer.world_size > 1)
+    engine = module.engine(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k)
+    policy = EnginePolicy(engine, trainer.datamodule.encode_prompt, corpus.catalogue["item_id"], record=True)
     repeat = hp.group_size if hp.advantage_estimator == "grpo" and stage == "fit" else 1
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     metrics: dict[str, float] = {}
     if env is None:
-        prompts = [p for p in _prompts_of(batch) for _ in range(repeat)]
         contexts = [corpus.dialogues[int(d)]["turns"][: int(t)]
                     for d, t in zip(batch.dialogue_index, batch.turn_index, strict=True) for _ in range(repeat)]
-        replies = sampler(prompts)
-        sampler.drain()
-        texts = [decode(r) for r in replies]
+        texts = policy(contexts)
+        prompts, replies = [p for p, _, _ in policy.calls[0]], [g for _, g, _ in policy.calls[0]]
         names = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["name"], strict=True))
-        signal_batch = _single_turn_batch(contexts, texts, linker_for(corpus), names)
+        signal_batch = _single_turn_batch(contexts, texts, names)
         episode, turn = list(range(len(prompts))), [0] * len(prompts)
     else:
         indices = [first_episode + i for i in range(len(batch.input_ids)) for _ in range(repeat)]
-        recorder = Recorder(trainer.datamodule.encode_prompt, sampler, decode)
-        episodes = env.rollout(recorder, indices, batch_size=len(indices))
-        sampler.drain()
+        episodes = env.rollout(policy, indices, batch_size=len(indices))
         prompts, replies, episode, turn = [], [], [], []
-        for k, steps in enumerate(recorder.match(episodes)):
-            for step, (prompt, reply, _) in enumerate(steps):
+        for k, steps in enumerate(policy.match(episodes)):
+            for step, (prompt, generation, _) in enumerate(steps):
                 prompts.append(prompt)
-                replies.append(reply)
+                replies.append(generation)
                 episode.append(k)
                 turn.append(step)
         signal_batch = to_signal_batch([t for e in episodes for t in e.transitions])
@@ -282,7 +266,7 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     metrics.update(score_metrics)
     metrics["items_named"] = sum(bool(items) for items in signal_batch.items) / max(1, len(signal_batch))
     eos = tokenizer.eos_token_id
-    ended = torch.tensor([bool(r) and r[-1] == eos for r in replies])
+    ended = torch.tensor([bool(r.tokens) and r.tokens[-1] == eos for r in replies])
     metrics["eos_rate"] = float(ended.float().mean())
     samples = pack(prompts, replies, tokenizer.pad_token_id)
     return Episodes(samples, scores, torch.tensor(episode), torch.tensor(turn), ended, metrics)

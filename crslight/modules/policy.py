@@ -29,11 +29,12 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel
 
-from crslight.models.loading import load_causal_lm, load_tokenizer
+from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
+from crslight.models.engine import Engine
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead
-from crslight.modules.evaluation import PolicyEvaluator, catalogue_names
+from crslight.modules.evaluation import PolicyEvaluator
 
 MODULE_KEY = "crslight_module"
 STATE_KEY = "crslight_state"
@@ -173,7 +174,8 @@ class PolicyModule(LightningModule):
     def tokenizer(self):
         """The policy's tokenizer (left padding, a pad token distinct from the end-of-turn token)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+            self._tokenizer = load_tokenizer(self.hparams.model, trust_remote_code=self.hparams.trust_remote_code,
+                                             item_token=True)
         return self._tokenizer
 
     def load_base_policy(self) -> PreTrainedModel:
@@ -189,7 +191,7 @@ class PolicyModule(LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        policy = self.load_base_policy()
+        policy = fit_vocabulary(self.load_base_policy(), self.tokenizer)  # room for the recommendation slot token
         lean_mlps(policy)  # the same gradients with fewer saved activations (crslight.models.memory)
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -202,11 +204,26 @@ class PolicyModule(LightningModule):
         self.policy = policy.train()  # from_pretrained returns eval mode; PPO switches dropout off itself
         self.build_extra()
         if self.item_head is None:
-            names = catalogue_names(self)
-            if names is not None:  # the ranking head over the DataModule's catalogue (crslight.models.retrieval)
-                self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, names)
+            catalogue = self.catalogue()
+            if catalogue is not None:  # the item scores over the DataModule's catalogue (crslight.models.retrieval)
+                attributes = catalogue["attributes"] if "attributes" in catalogue.column_names else None
+                self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, catalogue["name"], attributes)
         if self.item_head is not None:
             self.item_head.requires_grad_(self.trains_item_head)
+
+    def catalogue(self):
+        """The DataModule's item catalogue (a ``datasets.Dataset``); None without a crslight DataModule."""
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "corpus"):
+            return None
+        return datamodule.corpus("test").catalogue
+
+    def engine(self, **settings) -> Engine:
+        """The decoding engine over this policy and its item scores (:mod:`crslight.models.engine`)."""
+        names = self.catalogue()["name"] if self.item_head is not None and self.catalogue() is not None else None
+        head = self.item_head if names is not None else None
+        return Engine(self.policy, self.tokenizer, head, names, **settings)
 
     def build_extra(self) -> None:
         """Hook for subclasses: build the parts that depend on the policy (value head, reference, reward model)."""
@@ -298,5 +315,6 @@ class PolicyModule(LightningModule):
         ``test_step`` does; Lightning applies it to steps only."""
         with self.trainer.precision_plugin.forward_context():
             metrics = self.evaluator.finish(self.policy, self.tokenizer, self.trainer.datamodule,
-                                            rank=self.global_rank, world_size=self.trainer.world_size)
+                                            rank=self.global_rank, world_size=self.trainer.world_size,
+                                            item_head=self.item_head)
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)  # torchmetrics reduced them

@@ -1,6 +1,6 @@
 """PPO on conversations with a simulated user, against the reward model R_phi learned from implicit feedback.
 
-**What one step does.** Sample replies (``generate`` with the KV cache, stopping at the end-of-turn token) — for
+**What one step does.** Sample replies (the decoding engine, :mod:`crslight.models.engine`) — for
 multi-turn episodes inside the simulator's :class:`~crslight.simulator.ConversationEnv`, where the user answers every
 reply and may accept a suggestion or leave; without a simulator, one reply to each prompt of the batch. Score every
 reply, compute the per-token KL to the reference policy, turn that into advantages, and take ``ppo_epochs`` passes
@@ -13,6 +13,13 @@ users' implicit feedback, so it carries that feedback to replies no user has see
 because in simulation they are free and exact; with none (the default) PPO only ever sees R_phi. Scores may be
 normalised by running statistics and clipped (``reward_normalization``, ``reward_clip``): R_phi's scale is arbitrary
 and one outlier reply should not dominate a batch.
+
+**The action includes the recommendation.** Where a reply recommends, the policy emits the slot token and its item
+scores (the same scores ``crslight test`` ranks the catalogue with) draw the item, whose title is then written into the
+reply. The slot token's log-probability in the ratio, the KL and the entropy is ``log pi(slot) + log pi(item | slot)``
+(items already mentioned excluded, as when drawing), so the advantage, the clipping and the KL reach the item scores
+as well as the words; the title's tokens are not actions. The item scores train at their own rate (``item_lr``), and
+the reference keeps the starting policy's item scores.
 
 **Turns.** Each reply is its own sample (the exact token ids the policy saw and sampled); the episode links them by the
 turn-level return ``G_k = s_k + turn_discount * G_{k+1}``, which is the terminal reward of reply ``k``. The value head
@@ -60,6 +67,7 @@ from crslight.data.datamodules import PromptBatch
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
 from crslight.models.memory import release_heap
+from crslight.models.retrieval import previous_mask
 from crslight.modules.experience import Episodes, EpisodeSources, RunningMoments, collect_episodes, make_experience
 from crslight.modules.policy import Hidden, PolicyModule
 from crslight.modules.rollout import Samples, position_ids
@@ -128,6 +136,8 @@ def _release_heap_hook(grad: torch.Tensor) -> None:
 class PPOModule(PolicyModule):
     """PPO (or GRPO) fine-tuning of the policy against R_phi in simulated conversations; see the module docstring.
 
+    The item scores are part of the policy here (``trains_item_head``): PPO moves what users are recommended.
+
     Args:
         model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
         init_from: The SFT policy to start from (and the KL reference): an ``SFTModule`` checkpoint or a folder.
@@ -143,7 +153,9 @@ class PPOModule(PolicyModule):
         max_new_tokens: Longest reply, in tokens.
         temperature: Sampling temperature (the log-probs are those of the tempered distribution).
         top_k: Top-k sampling, 0 for off. Log-probs ignore the truncation, so keep it off for exact PPO.
-        top_p: Nucleus sampling mass, 1.0 for off (same caveat).
+        item_temperature: Temperature of the item draw at a recommendation slot (the log-probs are the tempered ones).
+        item_lr: Learning rate of the item scores (``None``: ``lr``). They are a small head that PPO moves directly,
+            so they can take a far larger rate than the language model's weights.
         ppo_epochs: Passes over each rollout batch.
         minibatch_size: Replies per optimizer step.
         micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
@@ -200,7 +212,8 @@ class PPOModule(PolicyModule):
         max_new_tokens: int = 48,
         temperature: float = 1.0,
         top_k: int = 0,
-        top_p: float = 1.0,
+        item_temperature: float = 1.0,
+        item_lr: float | None = None,
         ppo_epochs: int = 2,
         minibatch_size: int = 8,
         micro_batch_size: int = 8,
@@ -263,8 +276,11 @@ class PPOModule(PolicyModule):
         self.critic_backbone: torch.nn.Module | None = None
         self._reference = Hidden()
         self._reward = Hidden()
+        self._reference_head = Hidden()
         self._sources: EpisodeSources | None = None
         self._step_hooks: list[RemovableHandle] = []
+
+    trains_item_head = True
 
     # -- parts ------------------------------------------------------------------------------------------------------
     @property
@@ -288,6 +304,12 @@ class PPOModule(PolicyModule):
         if not self.hparams.lora:
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self._reference = Hidden(reference)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.item_head is not None and self._reference_head.module is None:
+            # the starting policy's item scores (from init_from), before any PPO step or checkpoint restores them
+            self._reference_head = Hidden(copy.deepcopy(self.item_head).requires_grad_(False))
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -318,29 +340,47 @@ class PPOModule(PolicyModule):
         return self._sources
 
     # -- forward passes ---------------------------------------------------------------------------------------------
-    def forward(self, samples: Samples, values: bool = False, reference: bool = False):
-        """Logits ``(b, w, vocab)`` predicting the tokens at columns ``start..t-1`` (``w = t - start``), and values
-        ``(b, w)`` of the states before them (``None`` unless ``values``)."""
+    def forward(self, samples: Samples, values: bool = False, reference: bool = False, entropy: bool = False):
+        """Log-probabilities ``(b, w)`` of the actions at columns ``start..t-1`` (``w = t - start``) at
+        ``temperature``, the recommended items' log-probabilities added at their slot tokens; the token entropy
+        ``(b, w)`` (``None`` unless ``entropy``); values ``(b, w)`` of the states before them (``None`` unless
+        ``values``)."""
+        hp = self.hparams
         ids, mask = samples.input_ids.to(self.device), samples.attention_mask.to(self.device)
+        actions = ids[:, samples.start :]
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False,
                   "logits_to_keep": ids.shape[1] - samples.start + 1}
-        if reference:
-            if self.reference is not None:
-                return self.reference(**kwargs).logits[:, :-1], None
+        slots = samples.slots.to(self.device)
+        need_hidden = len(slots) > 0 or (values and self.critic_backbone is None and not reference)
+        model = (self.reference or self.policy) if reference else self.policy
+        if reference and self.reference is None:
             with disabled_adapters(self.policy):
-                return self.policy(**kwargs).logits[:, :-1], None
-        shared = values and self.critic_backbone is None
-        out = self.policy(**kwargs, output_hidden_states=shared)
+                out = self.policy(**kwargs, output_hidden_states=need_hidden)
+        else:
+            out = model(**kwargs, output_hidden_states=need_hidden)
+        logits = out.logits[:, :-1]
+        logprobs = logprobs_from_logits(logits, actions, hp.temperature)
+        entropy = entropy_from_logits(logits / hp.temperature) if entropy else None
+        del logits
+        if len(slots):
+            head = self._reference_head.module if reference else self.item_head
+            if head is not None and next(head.parameters()).device != self.device:
+                head.to(self.device)
+            hidden = out.hidden_states[-1][slots[:, 0], slots[:, 1]]
+            exclude = previous_mask(samples.slot_exclude.to(self.device), head.num_items)
+            item_logprobs = head.log_probs(hidden, model.get_output_embeddings().weight, exclude,
+                                           hp.item_temperature).gather(1, slots[:, 2:3]).squeeze(1)
+            logprobs = logprobs.index_put((slots[:, 0], slots[:, 1] - samples.start), item_logprobs, accumulate=True)
         value = None
-        if values:
-            if shared:
+        if values and not reference:
+            if self.critic_backbone is None:
                 hidden = out.hidden_states[-1]
             else:
                 hidden = self.critic_backbone(input_ids=ids, attention_mask=mask,
                                               position_ids=kwargs["position_ids"]).last_hidden_state
             with torch.autocast(self.device.type, enabled=False):  # values in float32 even under bf16 autocast
                 value = self.value_head(hidden[:, samples.start - 1 : -1].float())
-        return out.logits[:, :-1], value
+        return logprobs, entropy, value
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = self.hparams.micro_batch_size
@@ -353,15 +393,10 @@ class PPOModule(PolicyModule):
         out = defaultdict(list)
         for rows in self._micro_batches(samples.input_ids.shape[0]):
             part = samples.select(rows)
-            actions = part.input_ids[:, part.start :].to(self.device)
-            pad = width - actions.shape[1]
-            logits, values = self.forward(part, values=self.uses_critic)
-            entries = {"logprobs": logprobs_from_logits(logits, actions, self.hparams.temperature),
-                       "entropy": entropy_from_logits(logits / self.hparams.temperature)}
-            del logits
-            ref_logits, _ = self.forward(part, reference=True)
-            entries["ref_logprobs"] = logprobs_from_logits(ref_logits, actions, self.hparams.temperature)
-            del ref_logits
+            pad = width - (part.input_ids.shape[1] - part.start)
+            logprobs, entropy, values = self.forward(part, values=self.uses_critic, entropy=True)
+            entries = {"logprobs": logprobs, "entropy": entropy}
+            entries["ref_logprobs"], _, _ = self.forward(part, reference=True)
             if values is not None:
                 entries["values"] = values.float()
             for key, value in entries.items():
@@ -462,12 +497,10 @@ class PPOModule(PolicyModule):
         """Losses of one micro-batch (with grad)."""
         hp = self.hparams
         part = samples.select(rows)
-        actions = part.input_ids[:, part.start :].to(self.device)
-        width = actions.shape[1]
+        width = part.input_ids.shape[1] - part.start
         pick = {key: value[rows][:, :width] for key, value in exp.items() if value.dim() == 2}
         mask = pick["mask"]
-        logits, values = self.forward(part, values=self.uses_critic)
-        logprobs = logprobs_from_logits(logits, actions, hp.temperature)
+        logprobs, _, values = self.forward(part, values=self.uses_critic)
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick["logprobs"], pick["advantages"], mask,
                                                            hp.clip_range)
         out = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
@@ -479,12 +512,18 @@ class PPOModule(PolicyModule):
         elif self.kl_controller.value > 0:
             kl = masked_mean(kl_penalty(logprobs, pick["ref_logprobs"], "k3"), mask)
             loss = loss + self.kl_controller.value * kl
+        if self.item_head is not None and not len(part.slots):  # keeps DDP's gradient buckets complete
+            loss = loss + 0.0 * sum(p.sum() for p in self.item_head.parameters())
         out["loss"] = loss
         return out
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        head = {id(p) for p in self.item_head.parameters()} if self.item_head is not None else set()
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in head]},
+                  {"params": [p for p in self.trainable_parameters() if id(p) in head],
+                   "lr": hp.item_lr if hp.item_lr is not None else hp.lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, weight_decay=hp.weight_decay)
         allocate_adam_state(opt)
         for handle in self._step_hooks:  # from an earlier fit of this module
             handle.remove()

@@ -1,7 +1,7 @@
-"""Rollouts for PPO: batched sampling that stays in step across DDP ranks, and the token layout PPO trains on.
+"""Rollouts for PPO: replies decoded by the engine, and the token layout PPO trains on.
 
-One *sample* is one recommender reply: the prompt the policy saw (token ids exactly as fed to ``generate``) and the
-reply it sampled (ids up to and including the end-of-turn token). Multi-turn episodes give one sample per turn; the
+One *sample* is one recommender reply: the prompt the policy saw (token ids exactly as fed to the engine) and the
+reply it produced (ids up to and including the end-of-turn token). Multi-turn episodes give one sample per turn; the
 episode ties them together through the turn-level return (``PPOModule``). Samples are packed as
 
     [pad ... prompt | reply ... pad]        prompts left-padded to a common width ``start``, replies right-padded
@@ -9,10 +9,13 @@ episode ties them together through the turn-level return (``PPOModule``). Sample
 so every action token sits at a column ``>= start`` and a forward pass needs logits for the last ``t - start + 1``
 positions only (``logits_to_keep``), not for the long prompts.
 
-DDP: each rank samples its own rollouts, and the number of decoding steps differs between ranks. With ``synced=True``
-every ``generate`` call runs with ``synced_gpus`` (a rank that is done keeps stepping until all are), and each call is
-preceded by a vote: a rank that has no more prompts (its episodes ended sooner) still joins every round with a dummy
-prompt until no rank needs one (:meth:`Sampler.drain`), so no rank is left waiting in a collective.
+**Recommendations are actions too.** A reply that recommends holds the slot token, then the title of the item the
+policy's item scores drew there (:mod:`crslight.models.engine`). The slot token is a sampled action; the title's tokens
+were written in, so ``response_mask`` is 0 on them; and the item drawn is recorded as a *slot* (row, column of the slot
+token, catalogue row, rows that could not be drawn), whose log-probability PPO adds to the slot token's.
+
+DDP: each rank decodes its own rollouts; the engine's loop has no collective operation, so ranks that need different
+numbers of decoding steps never wait for each other.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-from transformers import GenerationConfig
+
+from crslight.models.engine import Engine, Generation, Reply, item_rows_of
 
 
 class Samples(NamedTuple):
@@ -31,25 +34,41 @@ class Samples(NamedTuple):
     Attributes:
         input_ids: ``(b, t)`` prompt (left-padded to ``start``) then reply (right-padded).
         attention_mask: ``(b, t)`` 1 on real tokens.
-        response_mask: ``(b, t)`` 1 on the sampled reply tokens (the actions).
+        response_mask: ``(b, t)`` 1 on the sampled reply tokens (the actions); 0 on titles written in.
         start: the column of every reply's first token.
+        slots: ``(s, 3)`` long: per recommendation, its row, the column of its slot token, the catalogue row drawn.
+        slot_exclude: ``(s, m)`` catalogue rows the draw could not take (``-1``-padded).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     start: int
+    slots: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
+    slot_exclude: torch.Tensor = torch.full((0, 1), -1, dtype=torch.long)
 
     def select(self, rows: torch.Tensor | list[int]) -> Samples:
         """The rows ``rows``, with columns that are padding in all of them cut off (``start`` moves with the cut)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
         ids, mask, resp = self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
         real = mask.any(0).nonzero()
         left, right = min(int(real.min()), self.start - 1), int(real.max()) + 1
-        return Samples(ids[:, left:right], mask[:, left:right], resp[:, left:right], self.start - left)
+        new_row = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(len(rows))
+        keep = new_row[self.slots[:, 0]] >= 0 if len(self.slots) else torch.zeros(0, dtype=torch.bool)
+        slots = self.slots[keep].clone()
+        if len(slots):
+            slots[:, 0] = new_row[slots[:, 0]]
+            slots[:, 1] -= left
+        return Samples(ids[:, left:right], mask[:, left:right], resp[:, left:right], self.start - left, slots,
+                       self.slot_exclude[keep])
 
 
-def pack(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> Samples:
-    """Lays out prompts and replies as :class:`Samples`."""
+def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], pad_id: int) -> Samples:
+    """Lays out prompts and replies (token lists, or the engine's :class:`Generation` with their slots) as
+    :class:`Samples`."""
+    generations = [r if isinstance(r, Generation) else Generation(list(r), [True] * len(r)) for r in replies]
+    replies = [g.tokens for g in generations]
     start = max(len(p) for p in prompts)
     width = start + max(max(len(r) for r in replies), 1)
     b = len(prompts)
@@ -61,8 +80,13 @@ def pack(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> Sam
         attention_mask[i, start - len(prompt) : start + len(reply)] = 1
         if reply:
             input_ids[i, start : start + len(reply)] = torch.tensor(reply, dtype=torch.long)
-            response_mask[i, start : start + len(reply)] = 1
-    return Samples(input_ids, attention_mask, response_mask, start)
+            response_mask[i, start : start + len(reply)] = torch.tensor(generations[i].sampled, dtype=torch.long)
+    slots = [(i, start + offset, item) for i, g in enumerate(generations) for offset, item in g.slots]
+    excluded = [g.excluded or [-1] for g in generations for _ in g.slots]
+    width = max((len(x) for x in excluded), default=1)
+    return Samples(input_ids, attention_mask, response_mask, start,
+                   torch.tensor(slots, dtype=torch.long).reshape(-1, 3),
+                   torch.tensor([x + [-1] * (width - len(x)) for x in excluded], dtype=torch.long).reshape(-1, width))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,86 +94,48 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class Sampler:
-    """Samples replies for a batch of prompts with ``generate`` (KV cache), stopping at the end-of-turn token.
+class EnginePolicy:
+    """The environment's ``policy(contexts) -> replies`` through the engine, remembering what is behind every reply.
+
+    Each reply is a :class:`~crslight.models.engine.Reply` carrying the ids of the items the policy drew, so the
+    simulator reacts to exactly those; items mentioned in the context are never drawn again.
 
     Args:
-        policy: the causal LM (unwrapped: never the DDP wrapper).
-        generation_config: sampling settings; ``eos_token_id`` and ``pad_token_id`` must be set.
-        synced: keep DDP ranks in step (module docstring).
+        engine: the decoding engine.
+        encode: schema turns → prompt ids (the DataModule's ``encode_prompt``: same template, system prompt, slots).
+        item_ids: the catalogue ids in the item head's row order.
+        seed: seeds call ``n``'s draws with ``seed + n``; None uses torch's global generator.
+        record: keep ``(prompt, generation, reply)`` of every call (PPO), for :meth:`match`.
     """
 
-    def __init__(self, policy, generation_config: GenerationConfig, synced: bool = False) -> None:
-        self.policy, self.config, self.synced = policy, generation_config, synced
-        self.calls = 0
+    def __init__(self, engine: Engine, encode: Callable[[list[dict]], list[int]], item_ids: list[str],
+                 seed: int | None = None, record: bool = False) -> None:
+        self.engine, self.encode, self.item_ids = engine, encode, list(item_ids)
+        self.item_index = {item: row for row, item in enumerate(self.item_ids)}
+        self.seed, self.record = seed, record
+        self.calls: list[list[tuple[list[int], Generation, Reply]]] = []
+        self.n_calls = 0
 
-    def _vote(self, active: bool, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if active else 0.0], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
-
-    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    generation_config=self.config, synced_gpus=self.synced)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
-        """The sampled reply ids of each prompt, cut after the first end-of-turn token (which is kept)."""
-        device = next(self.policy.parameters()).device
-        if self.synced:
-            self._vote(True, device)
-        batch = pack(prompts, [[] for _ in prompts], self.config.pad_token_id)
-        ids = batch.input_ids[:, : batch.start].to(device)
-        mask = batch.attention_mask[:, : batch.start].to(device)
-        out = self._generate(ids, mask)[:, batch.start :].tolist()
-        self.calls += 1
-        eos = self.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        replies = []
-        for row in out:
-            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-            replies.append(row[:end])
+    def __call__(self, contexts: list[list[dict]]) -> list[Reply]:
+        prompts = [self.encode(context) for context in contexts]
+        exclude = [item_rows_of(context, self.item_index) for context in contexts]
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=next(self.engine.model.parameters()).device)
+            generator.manual_seed(self.seed + self.n_calls)
+        self.n_calls += 1
+        generations = self.engine.generate(prompts, exclude, generator)
+        replies = [Reply(self.engine.decode(g), [self.item_ids[row] for row in g.items]) for g in generations]
+        if self.record:
+            self.calls.append(list(zip(prompts, generations, replies, strict=True)))
         return replies
 
-    @torch.no_grad()
-    def drain(self) -> None:
-        """Joins the other ranks' remaining generation rounds with a dummy prompt until none needs another."""
-        if not self.synced:
-            return
-        device = next(self.policy.parameters()).device
-        dummy = torch.tensor([[self.config.eos_token_id if isinstance(self.config.eos_token_id, int)
-                               else self.config.eos_token_id[0]]], device=device)
-        while self._vote(False, device):
-            self._generate(dummy, torch.ones_like(dummy))
-
-
-class Recorder:
-    """The environment's ``policy(contexts) -> replies``, remembering the token ids behind every reply.
-
-    Args:
-        encode: schema turns → prompt ids (the DataModule's ``encode_prompt``: same chat template and system prompt).
-        sample: prompts → reply ids (a :class:`Sampler`).
-        decode: reply ids → text.
-    """
-
-    def __init__(self, encode: Callable[[list[dict]], list[int]], sample: Callable[[list[list[int]]], list[list[int]]],
-                 decode: Callable[[list[int]], str]) -> None:
-        self.encode, self.sample, self.decode = encode, sample, decode
-        self.calls: list[list[tuple[list[int], list[int], str]]] = []
-
-    def __call__(self, contexts: list[list[dict]]) -> list[str]:
-        prompts = [self.encode(context) for context in contexts]
-        replies = self.sample(prompts)
-        texts = [self.decode(reply) for reply in replies]
-        self.calls.append(list(zip(prompts, replies, texts, strict=True)))
-        return texts
-
-    def match(self, episodes: list) -> list[list[tuple[list[int], list[int], str]]]:
+    def match(self, episodes: list) -> list[list[tuple[list[int], Generation, Reply]]]:
         """Per episode, the ``(prompt, reply, text)`` of each of its steps.
 
         The environment runs one lock-step batch: call ``s`` answered, in order, the episodes that reached step ``s``.
         """
-        out: list[list[tuple[list[int], list[int], str]]] = [[] for _ in episodes]
+        out: list[list[tuple[list[int], Generation, Reply]]] = [[] for _ in episodes]
         for step, call in enumerate(self.calls):
             owners = [k for k, e in enumerate(episodes) if len(e.transitions) > step]
             if len(owners) != len(call):

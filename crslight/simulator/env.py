@@ -162,6 +162,12 @@ class ConversationEnv:
             out.extend(self._run_batch(policy, indices[lo : lo + batch_size]))
         return out
 
+    def items_of(self, replies: list[str]) -> list[list[str]]:
+        """The items each reply recommends: those it carries (``crslight.models.engine.Reply.items``: the policy's
+        own choice, named in its text), else what the linker reads in its words."""
+        linked = self.linker.link_batch([r for r in replies if getattr(r, "items", None) is None])[::-1]
+        return [list(r.items) if getattr(r, "items", None) is not None else linked.pop() for r in replies]
+
     def _run_batch(self, policy: Policy, indices: list[int]) -> list[Episode]:
         running = [self._begin(i) for i in indices]
         active = list(range(len(running)))
@@ -173,7 +179,7 @@ class ConversationEnv:
             replies = policy(contexts)
             if len(replies) != len(contexts):
                 raise ValueError(f"policy returned {len(replies)} replies for {len(contexts)} contexts")
-            items = self.linker.link_batch(replies)
+            items = self.items_of(replies)
             reactions = self.simulator.react_batch(
                 [running[k][1] for k in active], contexts, list(replies), items, [running[k][2] for k in active]
             )

@@ -20,13 +20,22 @@ def test_sft_batches_learn_only_recommender_tokens(tiny_tokenizer):
     assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
     learned = batch.labels != IGNORE_INDEX
     assert learned.any() and (batch.labels[learned] == batch.input_ids[learned]).all()
-    # the learned text of each row is exactly one dialogue's recommender turns, each closed by the end-of-turn token
+    # the learned text of each row is exactly one dialogue's recommender turns, each closed by the end-of-turn token,
+    # with every recommended title replaced by the slot token (the title is written in, never learned as words)
     decoded = [tiny_tokenizer.decode(batch.input_ids[i][learned[i]]) for i in range(len(batch.input_ids))]
-    expected = [
-        "".join(t["text"] + "<|im_end|>\n" for t in turns if t["role"] == "recommender")
-        for turns in dm.corpus("train").dialogues["turns"]
-    ]
+    names = dm.item_names
+    expected = []
+    for turns in dm.corpus("train").dialogues["turns"]:
+        texts = []
+        for t in turns:
+            if t["role"] == "recommender":
+                text = t["text"]
+                for item in t["items"]:
+                    text = text.replace(" " + names[item], "<|item|>")
+                texts.append(text + "<|im_end|>\n")
+        expected.append("".join(texts))
     assert all(text in expected for text in decoded)
+    assert "<|item|>" in "".join(decoded)
 
 
 def test_prompt_equals_the_training_prefix(tiny_tokenizer):
@@ -40,6 +49,30 @@ def test_prompt_equals_the_training_prefix(tiny_tokenizer):
     for t in (1, 3):
         assert encode_prompt(tiny_tokenizer, turns[:t]) == enc.input_ids[: enc.turn_starts[t]]
     assert tiny_tokenizer.decode(enc.input_ids[enc.turn_starts[3]: enc.turn_ends[3]]).startswith("Then Heat (1995)")
+
+
+def test_recommended_titles_are_written_through_slots(tiny_tokenizer):
+    turns = [
+        {"role": "seeker", "text": "I loved Up (2009), something like it?", "items": ["1"]},
+        {"role": "recommender", "text": "Try Heat (1995) or Up", "items": ["2", "1"]},
+        {"role": "seeker", "text": "Seen it", "items": []},
+        {"role": "recommender", "text": "Then Heat (1995)", "items": ["2"]},
+    ]
+    names = {"1": "Up (2009)", "2": "Heat (1995)"}
+    enc = encode_dialogue(tiny_tokenizer, turns, names=names)
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+    assert enc.slots[0] == [] and enc.slots[2] == []  # the seeker's titles stay words
+    (heat, item_heat), (up, item_up) = enc.slots[1]
+    assert (item_heat, item_up) == ("2", "1") and heat < up  # "Up" matched without its year
+    assert enc.input_ids[heat] == enc.input_ids[up] == slot and enc.loss_mask[heat] and enc.loss_mask[up]
+    title_end = next(i for i in range(heat + 1, len(enc.input_ids)) if enc.loss_mask[i])
+    assert tiny_tokenizer.decode(enc.input_ids[heat + 1: title_end]) == " Heat (1995)"  # written in, not learned
+    learned = tiny_tokenizer.decode([i for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m])
+    assert learned == "Try<|item|> or<|item|><|im_end|>\nThen<|item|><|im_end|>\n"
+    rendered = tiny_tokenizer.decode(enc.input_ids[enc.turn_starts[1]: enc.turn_ends[1]], skip_special_tokens=True)
+    assert rendered.startswith("Try Heat (1995) or Up")
+    # a prompt writes the context's recommender turns with the same slots
+    assert encode_prompt(tiny_tokenizer, turns[:3], names=names) == enc.input_ids[: enc.turn_starts[3]]
 
 
 def test_prompt_truncation_keeps_system_and_latest_turns(tiny_tokenizer):
@@ -78,11 +111,15 @@ def test_recommendation_samples_point_at_their_turns(tiny_tokenizer):
     for n, sample in enumerate(expected):
         assert int(batch.rec_row[n]) == sample.dialogue
         assert corpus.catalogue[int(batch.rec_target[n])]["item_id"] == sample.item
-        # the position is the end of the recommender's role header: the reply starts right after it
-        after = tiny_tokenizer.decode(batch.input_ids[sample.dialogue, int(batch.rec_position[n]) + 1:])
-        reply = corpus.dialogues[sample.dialogue]["turns"][sample.turn]["text"]
-        assert after.startswith(reply)
-        assert tiny_tokenizer.decode(batch.input_ids[sample.dialogue, int(batch.rec_position[n])]) == "\n"
+        # the position is the turn's first recommendation slot: the reply's words before it are context, the title
+        # written after it is the turn's first item
+        position = int(batch.rec_position[n])
+        assert int(batch.input_ids[sample.dialogue, position]) == tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+        turn = corpus.dialogues[sample.dialogue]["turns"][sample.turn]
+        first = dm.item_names[turn["items"][0]]
+        before = tiny_tokenizer.decode(batch.input_ids[sample.dialogue, :position])
+        assert before.endswith(turn["text"].split(first)[0].rstrip())
+        assert tiny_tokenizer.decode(batch.input_ids[sample.dialogue, position + 1:]).startswith(" " + first)
 
 
 def test_evaluation_batches_group_similar_lengths(tiny_tokenizer):

@@ -25,7 +25,8 @@ def test_tiny_config_shape():
 
 
 def test_tiny_tokenizer_is_smollm2_with_distinct_pad(tiny_tokenizer):
-    assert len(tiny_tokenizer) == 49152
+    assert len(tiny_tokenizer) == 49152 + 1  # SmolLM2's vocabulary and the recommendation slot token
+    assert tiny_tokenizer.convert_tokens_to_ids("<|item|>") == 49152
     assert tiny_tokenizer.padding_side == "left"
     assert tiny_tokenizer.pad_token == "<|endoftext|>"
     assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id  # masks by pad id keep the end token

@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): ranks make their own rollouts, generation stays in step, parameters stay identical."""
+"""DDP on CPU (gloo, 2 processes): ranks make their own rollouts (the decoding engine needs no collective, so ranks
+decode different numbers of steps freely), parameters stay identical."""
 
 import os
 import subprocess
@@ -35,18 +36,7 @@ module.collect = recording_collect
 trainer.fit(module, data)
 state = {name: p.detach().clone() for name, p in module.named_parameters()}
 
-# ranks that need unequal numbers of generation rounds: rank 1 joins rank 0's extra rounds with a dummy prompt
-import torch.distributed as dist
-from transformers import GenerationConfig
-from crslight.modules.rollout import Sampler
-assert dist.is_initialized()
-config = GenerationConfig(do_sample=True, max_new_tokens=4 + 3 * trainer.global_rank, eos_token_id=2, pad_token_id=0)
-sampler = Sampler(module.policy, config, synced=True)
-for _ in range(3 if trainer.global_rank == 0 else 1):
-    sampler([[1, 5, 7], [9]])
-sampler.drain()
-dist.barrier()
-torch.save({"params": state, "kl_coef": module.kl_controller.value, "episodes": episodes, "calls": sampler.calls,
+torch.save({"params": state, "kl_coef": module.kl_controller.value, "episodes": episodes,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
            f"{out}/rank{trainer.global_rank}.pt")
 """
@@ -76,5 +66,3 @@ def test_ppo_ranks_stay_identical(tiny_policy, tmp_path):
     assert ranks[0]["episodes"] != ranks[1]["episodes"]
     assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"] != 0.05
 
-    # and the synchronised sampler let rank 1 (one round of its own) through rank 0's three rounds
-    assert [r["calls"] for r in ranks] == [3, 1]

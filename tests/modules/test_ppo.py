@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
+from crslight.data.tokenize import encode_prompt
 from crslight.modules.experience import RunningMoments, turn_returns
 from crslight.modules.ppo import PPOModule, allocate_adam_state
-from crslight.modules.rollout import Recorder, Sampler, pack
+from crslight.models.engine import Generation, Reply
+from crslight.modules.rollout import EnginePolicy, pack
 from crslight.signals import AcceptanceSignal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,13 +32,15 @@ def _fit(module, policy, steps=2, batch_size=4):
 @pytest.mark.parametrize(
     "options",
     [
-        {"lora": True, "lora_r": 4, "simulator": "PersonaSimulator", "signals": [AcceptanceSignal()]},
+        {"lora": True, "lora_r": 4, "simulator": "PersonaSimulator", "signals": [AcceptanceSignal()],
+         "item_lr": 1e-2},
         {"critic": "separate", "reward_normalization": "zscore", "reward_clip": 3.0, "missing_eos_penalty": -1.0},
         {"advantage_estimator": "grpo", "group_size": 2, "simulator": "PersonaSimulator", "kl_estimator": "k3"},
     ],
     ids=["lora-simulator", "single-turn-separate-critic", "grpo"],
 )
-def test_ppo_smoke(tiny_policy, tiny_reward, options):
+def test_ppo_smoke(tiny_recommender, tiny_reward, options):
+    tiny_policy = tiny_recommender  # recommends items from the start, so PPO's step reaches the item scores too
     module = PPOModule(model=tiny_policy, reward_model=tiny_reward, max_turns=2, max_new_tokens=8, minibatch_size=4,
                        micro_batch_size=2, ppo_epochs=2, lr=1e-3, kl_target=2.0, **options)
     module.configure_model()
@@ -104,32 +108,23 @@ def test_running_moments_match_the_whole_sample():
     assert moments.std == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
 
 
-class _FakeLM:
-    """``generate`` that appends fixed continuations; enough to check the sampler's cutting."""
+class _FakeEngine:
+    """``generate`` that answers each prompt with its length and an end-of-turn token; recommends nothing."""
 
-    def __init__(self, continuations):
-        self.continuations = continuations
-        self.weight = torch.nn.Parameter(torch.zeros(1))
+    model = torch.nn.Linear(1, 1)
 
-    def parameters(self):
-        return iter([self.weight])
+    def generate(self, prompts, exclude, generator):
+        return [Generation([p[0], 2], [True, True]) for p in prompts]
 
-    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
-        tail = torch.tensor(self.continuations[: input_ids.shape[0]])
-        return torch.cat([input_ids, tail], dim=1)
+    def decode(self, generation):
+        return f"reply{generation.tokens[0]}"
 
 
-def test_sampler_stops_at_end_of_turn():
-    config = SimpleNamespace(eos_token_id=2, pad_token_id=0)
-    sampler = Sampler(_FakeLM([[5, 2, 0, 0], [5, 6, 7, 8]]), config)
-    assert sampler([[9, 9], [9]]) == [[5, 2], [5, 6, 7, 8]]  # the end-of-turn token is kept; a cut reply has none
-
-
-def test_recorder_matches_replies_to_episode_steps():
-    recorder = Recorder(encode=lambda turns: [len(turns)], sample=lambda prompts: [[p[0], 2] for p in prompts],
-                        decode=lambda ids: f"reply{ids[0]}")
-    recorder([[{}], [{}, {}]])  # step 0: episodes 0 and 1
-    recorder([[{}, {}, {}]])  # step 1: episode 1 only
+def test_engine_policy_matches_replies_to_episode_steps():
+    recorder = EnginePolicy(_FakeEngine(), encode=lambda turns: [len(turns)], item_ids=["a", "b"], record=True)
+    replies = recorder([[{"items": []}], [{"items": []}, {"items": ["b"]}]])  # step 0: episodes 0 and 1
+    assert replies == ["reply1", "reply2"] and all(isinstance(r, Reply) and r.items == [] for r in replies)
+    recorder([[{"items": []}] * 3])  # step 1: episode 1 only
     episodes = [SimpleNamespace(index=0, transitions=[SimpleNamespace(reply="reply1")]),
                 SimpleNamespace(index=1, transitions=[SimpleNamespace(reply="reply2"), SimpleNamespace(reply="reply3")])]
     steps = recorder.match(episodes)
@@ -241,3 +236,56 @@ def test_heap_released_before_each_update_micro_batch_and_embedding_backward(tin
     # 4 micro-batches of 1 reply: one release before each forward pass (grad mode on), one inside each backward pass
     # (autograd runs hooks with grad mode off); none in the rollout's no-grad passes or in validation
     assert calls == [True, False] * 4
+
+
+def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommender, tiny_tokenizer):
+    """The item a reply names is the one the policy's item scores drew, and its log-probability is in the action's."""
+    from crslight.data.synthetic import generate
+    from crslight.models.retrieval import ItemHead, decoder_of, previous_mask
+
+    dialogues, catalogue = generate(seed=0, n_dialogues=6, n_items=20)
+    names, ids = [c["name"] for c in catalogue], [c["item_id"] for c in catalogue]
+    module = PPOModule(model=tiny_recommender, signals=[AcceptanceSignal()], lora=True, lora_r=4, micro_batch_size=4,
+                       item_temperature=0.7)
+    module.configure_model()
+    module.item_head = ItemHead.for_catalogue(module.policy, tiny_tokenizer, names)
+    module.configure_model()  # gives the reference its copy of the item scores
+    torch.manual_seed(0)
+    engine = module.engine(max_new_tokens=12, item_temperature=0.7)
+    assert engine.item_head is None  # no DataModule, no catalogue: the module's own engine cannot recommend
+    from crslight.models.engine import Engine
+
+    engine = Engine(module.policy, tiny_tokenizer, module.item_head, names, max_new_tokens=12, item_temperature=0.7)
+    name_of = dict(zip(ids, names, strict=True))
+    policy = EnginePolicy(engine, lambda turns: encode_prompt(tiny_tokenizer, turns, names=name_of), ids, seed=0,
+                          record=True)
+    contexts = [d["turns"][:3] for d in dialogues]  # each context already mentions an item: it is never drawn again
+    replies = policy(contexts)
+    prompts, generations = [p for p, _, _ in policy.calls[0]], [g for _, g, _ in policy.calls[0]]
+    recommending = [k for k, g in enumerate(generations) if g.slots]
+    assert recommending, "the tiny recommender should recommend in some of 6 replies"
+    for k in recommending:
+        assert replies[k].items == [ids[row] for row in generations[k].items]
+        for item in replies[k].items:
+            assert name_of[item] in replies[k]
+            assert item not in {i for turn in contexts[k] for i in turn["items"]}
+    samples = pack(prompts, generations, tiny_tokenizer.pad_token_id)
+    assert len(samples.slots) == sum(len(g.slots) for g in generations)
+    exp = module.score_samples(samples)
+    mask = samples.response_mask[:, samples.start :].bool()
+    assert torch.equal(exp["logprobs"][mask], exp["ref_logprobs"][mask])  # the reference starts as the policy
+    # by hand: the slot token's log-probability plus the item's under the scores at the slot state (temperature 0.7)
+    row, column, item = samples.slots[0].tolist()
+    with torch.no_grad():
+        part = samples.select([row])
+        inputs = {"input_ids": part.input_ids, "attention_mask": part.attention_mask,
+                  "position_ids": (part.attention_mask.cumsum(-1) - 1).clamp(min=0)}
+        logits = module.policy(**inputs).logits[0]
+        hidden = decoder_of(module.policy)(**inputs).last_hidden_state[0]
+        slot_column = column - samples.start + part.start
+        token = torch.log_softmax(logits[slot_column - 1].float(), -1)[part.input_ids[0, slot_column]]
+        excluded = previous_mask(samples.slot_exclude[:1], len(names))
+        scores = module.item_head(hidden[slot_column][None], module.policy.get_output_embeddings().weight).float()
+        drawn = torch.log_softmax((scores / 0.7).masked_fill(excluded, float("-inf")), -1)[0, item]
+    assert exp["logprobs"][row, column - samples.start] == pytest.approx(float(token + drawn), abs=1e-4)
+    assert not samples.response_mask[row, column + 1]  # the title's first token is written in, not an action

@@ -43,11 +43,15 @@ def test_loss_counts_only_recommender_tokens(tiny_policy):
     keep = targets != IGNORE_INDEX
     assert n_tokens == keep.sum() and 0 < keep.sum() < (batch.attention_mask[:, 1:] == 1).sum()
     assert loss.item() == pytest.approx(per_token[keep].mean().item(), rel=1e-5)
-    # the learned tokens are the recommender's replies and nothing of the seeker's turns or the system prompt
+    # the learned tokens are the recommender's replies and nothing of the seeker's turns or the system prompt; a
+    # recommended title is written in after its slot token, never learned as words
     learned = dm.tokenizer.decode(batch.labels[0][batch.labels[0] != IGNORE_INDEX])
     whole = dm.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
     replies = [part.removeprefix("assistant\n") for part in whole.split("<|im_start|>") if part.startswith("assistant")]
-    assert replies and learned == "".join(replies)
+    titles = [name for name in dm.item_names.values() if name in whole]
+    for title in titles:
+        replies = [reply.replace(" " + title, "") for reply in replies]
+    assert replies and titles and learned == "".join(replies) and "<|item|>" in learned
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

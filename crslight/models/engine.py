@@ -1,0 +1,217 @@
+"""The decoding engine: batched sampling with a KV cache, where a recommendation is one draw from the item scores.
+
+Every place that samples a reply (PPO rollouts, the test's simulated episodes, ``crslight chat``) goes through
+:class:`Engine`, so what is trained on and what is tested on are decoded the same way. One call:
+
+1. **Prefill** the left-padded prompts in one forward pass of the transformer body, keeping its KV cache.
+2. **Decode** one token per row and step with the cache. A row's next token is, in this order:
+
+   - the next token of a title being written in (forced: context, not an action);
+   - after the slot token (:data:`~crslight.data.tokenize.ITEM_TOKEN`) was fed (also as a prompt's last token, which
+     makes the reply start with a recommendation), the first title token of the item
+     drawn from the policy's item scores at that state (:meth:`~crslight.models.retrieval.ItemHead.log_probs`:
+     sampled in rollouts, best-first with ``greedy_items``), items already mentioned in the context excluded;
+   - otherwise a token sampled from the LM's next-token distribution (temperature, top-k), greedy at temperature 0.
+
+3. **Stop** a row at its end-of-turn token; finished rows leave the batch (their cache rows are dropped), and the
+   loop ends when no row is left or after ``max_new_tokens`` sampled tokens (a title being written is finished).
+
+The result is the reply's token ids, which of them were sampled (PPO's actions), and each recommendation: its slot's
+offset in the reply and the catalogue row drawn. The reply's text names exactly that item, and :class:`Reply`
+carries its id, so the simulator reads the recommendation itself rather than re-linking the words.
+
+With no item head (a plain LM) or no slot token in its vocabulary, the engine is a plain sampler.
+The loop has no collective operation, so DDP ranks decode independently (the policy is never the DDP wrapper here).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaModel
+
+from crslight.data.tokenize import ITEM_TOKEN, title_text
+from crslight.models.heads import position_ids_from_attention_mask
+from crslight.models.retrieval import ItemHead, decoder_of, previous_mask
+
+
+# the KV cache's keyword in the transformer body's forward: ``cache`` in transformers 5, ``past_key_values`` before
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+class Reply(str):
+    """A reply's text that also carries the catalogue ids it recommends (``items``), in order."""
+
+    items: list[str]
+
+    def __new__(cls, text: str, items: list[str] | None = None) -> Reply:
+        reply = super().__new__(cls, text)
+        reply.items = list(items or [])
+        return reply
+
+
+@dataclass
+class Generation:
+    """One decoded reply.
+
+    Attributes:
+        tokens: the reply's token ids, up to and including the end-of-turn token when it was reached.
+        sampled: per token, True where it was sampled (an action), False where a title was written in.
+        slots: ``(offset of the slot token in tokens, catalogue row drawn)`` per recommendation.
+        excluded: catalogue rows that could not be drawn (mentioned in the context), the same for every slot.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    slots: list[tuple[int, int]] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)
+
+    @property
+    def items(self) -> list[int]:
+        return [row for _, row in self.slots]
+
+
+class Engine:
+    """Decodes replies for a causal LM, drawing recommended items from its item head (see the module docstring).
+
+    Args:
+        model: the causal LM (a transformers model, or a PEFT model around one).
+        tokenizer: its tokenizer (pad and end-of-turn tokens; the slot token when recommending).
+        item_head: the policy's item scores; None decodes plain text.
+        item_names: the catalogue's names in the item head's row order (what a slot writes); needed with a head.
+        max_new_tokens: sampled tokens per reply at most.
+        temperature: token sampling temperature; 0 decodes greedily.
+        top_k: sample among the k most likely tokens (0: all).
+        item_temperature: temperature of the item draw.
+        greedy_items: take the best item instead of sampling one.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, item_head: ItemHead | None = None,
+                 item_names: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 1.0,
+                 top_k: int = 0, item_temperature: float = 1.0, greedy_items: bool = False):
+        if item_head is not None and (item_names is None or len(item_names) != item_head.num_items):
+            raise ValueError(f"the item head scores {item_head.num_items} items: item_names must name each of them")
+        self.model, self.tokenizer, self.item_head = model, tokenizer, item_head
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.item_temperature, self.greedy_items = item_temperature, greedy_items
+        slot = tokenizer.convert_tokens_to_ids(ITEM_TOKEN) if ITEM_TOKEN in tokenizer.get_vocab() else None
+        vocab = model.get_input_embeddings().weight.shape[0]
+        self.slot_id = slot if item_head is not None and slot is not None and slot < vocab else None
+        eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.item_names = list(item_names or [])
+        self._titles: list[list[int]] | None = None
+
+    def titles(self) -> list[list[int]]:
+        """Per catalogue row, the token ids written after its slot (the title as in training)."""
+        if self._titles is None:
+            encoded = self.tokenizer([title_text(n) for n in self.item_names], add_special_tokens=False)["input_ids"]
+            self._titles = [list(ids) for ids in encoded]
+        return self._titles
+
+    def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+    def _draw_items(self, hidden: torch.Tensor, exclude: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+        logp = self.item_head.log_probs(hidden, self.model.get_output_embeddings().weight, exclude,
+                                        self.item_temperature)
+        if self.greedy_items:
+            return logp.argmax(-1).tolist()
+        return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1).tolist()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], exclude: list[list[int]] | None = None,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        """Decodes one reply per prompt.
+
+        Args:
+            prompts: token ids of each prompt (no padding).
+            exclude: per prompt, catalogue rows the item draw must skip (items already mentioned).
+            generator: the random generator of every draw (None: torch's global one).
+        """
+        b = len(prompts)
+        device = next(self.model.parameters()).device
+        out = [Generation(excluded=list(exclude[i]) if exclude else []) for i in range(b)]
+        if b == 0:
+            return out
+        width = max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        body, head = decoder_of(self.model), self.model.get_output_embeddings()
+        cache = DynamicCache()
+        step = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
+                    use_cache=True, **{_CACHE_KWARG: cache})
+        hidden = step.last_hidden_state[:, -1]
+        excluded = None
+        if self.slot_id is not None:
+            rows = [torch.tensor(x or [-1]) for x in (exclude or [[]] * b)]
+            padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
+            excluded = previous_mask(padded, self.item_head.num_items)
+        active = list(range(b))  # the batch rows still decoding, in cache order
+        queue: list[list[int]] = [[] for _ in range(b)]
+        budget = [self.max_new_tokens] * b
+        last = [p[-1] for p in prompts]  # a prompt that ends with the slot token starts with a recommendation
+        positions = mask.sum(1) - 1
+        while active:
+            logits = head(hidden)
+            chosen = self._sample(logits, generator).tolist()
+            drawing = [k for k, i in enumerate(active) if last[i] == self.slot_id and self.slot_id is not None]
+            if drawing:
+                index = torch.tensor(drawing, device=device)
+                rows = [active[k] for k in drawing]
+                items = self._draw_items(hidden[index], excluded[torch.tensor(rows, device=device)], generator)
+                for i, item in zip(rows, items, strict=True):
+                    out[i].slots.append((len(out[i].tokens) - 1, item))
+                    queue[i] = list(self.titles()[item])
+            keep, next_tokens = [], []
+            for k, i in enumerate(active):
+                if queue[i]:
+                    token, sampled = queue[i].pop(0), False
+                else:
+                    token, sampled = chosen[k], True
+                    budget[i] -= 1
+                out[i].tokens.append(token)
+                out[i].sampled.append(sampled)
+                last[i] = token
+                done = (sampled and token in self.eos) or (budget[i] <= 0 and not queue[i] and token != self.slot_id)
+                if not done:
+                    keep.append(k)
+                    next_tokens.append(token)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                active = [active[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            positions = positions + 1
+            step = body(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=mask,
+                        position_ids=positions[:, None], use_cache=True, **{_CACHE_KWARG: cache})
+            hidden = step.last_hidden_state[:, -1]
+        return out
+
+    def decode(self, generation: Generation) -> str:
+        """The reply's text (special tokens, the slot among them, left out)."""
+        return self.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+
+
+def item_rows_of(context: list[dict], item_index: dict[str, int]) -> list[int]:
+    """Catalogue rows of the items mentioned anywhere in a context (what a recommendation should not repeat)."""
+    return list(dict.fromkeys(item_index[i] for turn in context for i in turn["items"] if i in item_index))
+
+

@@ -1,0 +1,108 @@
+"""The decoding engine: the same tokens as ``generate`` under greedy decoding, and recommendations drawn from the item
+scores with their titles written in."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from crslight.data.tokenize import encode_prompt
+from crslight.models.engine import Engine, Reply
+from crslight.models.retrieval import ItemHead, decoder_of
+from crslight.modules.rollout import pack
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["Heat (1995)", "Up (2009)", "The Silent River (2013)", "Alien (1979)"]
+
+
+def _prompts(tokenizer):
+    texts = ["Hi! I'm bored, can you recommend a thriller?", "Something calm", "I loved Up (2009). More like it?"]
+    return [encode_prompt(tokenizer, [{"role": "seeker", "text": t, "items": []}]) for t in texts]
+
+
+def test_greedy_decoding_equals_generate(tiny_lm, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    engine = Engine(tiny_lm, tiny_tokenizer, max_new_tokens=10, temperature=0)
+    ours = [g.tokens for g in engine.generate(prompts)]
+    batch = pack(prompts, [[] for _ in prompts], tiny_tokenizer.pad_token_id)
+    theirs = tiny_lm.generate(input_ids=batch.input_ids[:, : batch.start],
+                              attention_mask=batch.attention_mask[:, : batch.start], do_sample=False, max_new_tokens=10,
+                              eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    for row, tokens in zip(theirs[:, batch.start :].tolist(), ours, strict=True):
+        assert tokens == row[: len(tokens)]
+    # and every row decodes as it would alone: finished rows leave the batch without disturbing the others
+    assert ours == [engine.generate([p])[0].tokens for p in prompts]
+
+
+def test_stops_at_end_of_turn(tiny_tokenizer):
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(_tiny_config(tiny_tokenizer))).eval()
+    eos = tiny_tokenizer.eos_token_id
+    prompts = _prompts(tiny_tokenizer)
+    with torch.no_grad():  # the end-of-turn token becomes the likeliest next token
+        hidden = torch.cat([decoder_of(model)(input_ids=torch.tensor([p])).last_hidden_state[0] for p in prompts])
+        model.get_output_embeddings().weight[eos] = 40 * hidden.mean(0) / hidden.mean(0).norm() ** 2
+    engine = Engine(model, tiny_tokenizer, max_new_tokens=6, temperature=0)
+    generations = engine.generate(prompts)
+    assert all(len(g.tokens) <= 6 and all(g.sampled) for g in generations)
+    assert all(g.tokens[-1] == eos and eos not in g.tokens[:-1] for g in generations)
+
+
+def _tiny_config(tokenizer):
+    from crslight.models.loading import tiny_causal_lm_config
+
+    return tiny_causal_lm_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+
+
+def _head(model, tokenizer):
+    torch.manual_seed(0)
+    head = ItemHead.for_catalogue(model, tokenizer, NAMES)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.0, 5.0, 3.0, -5.0]))  # Up, then The Silent River, are the likeliest
+    return head
+
+
+def test_a_recommendation_is_the_drawn_item_with_its_title_written_in(tiny_lm, tiny_tokenizer):
+    head = _head(tiny_lm, tiny_tokenizer)
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+    prompts = [p + tiny_tokenizer("How about", add_special_tokens=False)["input_ids"] + [slot]
+               for p in _prompts(tiny_tokenizer)]
+    engine = Engine(tiny_lm, tiny_tokenizer, head, NAMES, max_new_tokens=4, temperature=0, greedy_items=True)
+    generations = engine.generate(prompts, exclude=[[], [1], [1, 2]])
+    # best-first: Up, unless excluded; then The Silent River; then Heat (Alien's score is lowest)
+    assert [g.items for g in generations] == [[1], [2], [0]]
+    for generation in generations:
+        (offset, row), = generation.slots
+        assert offset == -1  # the prompt's own slot token: the reply starts with the title
+        title = tiny_tokenizer(" " + NAMES[row], add_special_tokens=False)["input_ids"]
+        assert generation.tokens[: len(title)] == title and not any(generation.sampled[: len(title)])
+        assert all(generation.sampled[len(title):])
+        assert engine.decode(generation).startswith(NAMES[row])
+    # what the draw reads is the item head at the slot state: the scores that rank the catalogue
+    with torch.no_grad():
+        hidden = decoder_of(tiny_lm)(input_ids=torch.tensor([prompts[0]])).last_hidden_state[:, -1]
+        scores = head(hidden, tiny_lm.get_output_embeddings().weight)
+    assert int(scores.argmax()) == generations[0].items[0]
+
+
+def test_sampled_items_follow_the_item_scores(tiny_lm, tiny_tokenizer):
+    head = _head(tiny_lm, tiny_tokenizer)
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+    prompt = _prompts(tiny_tokenizer)[0] + [slot]
+    engine = Engine(tiny_lm, tiny_tokenizer, head, NAMES, max_new_tokens=1, temperature=1.0)
+    generator = torch.Generator().manual_seed(0)
+    drawn = [g.items[0] for g in engine.generate([prompt] * 400, exclude=[[0]] * 400, generator=generator)]
+    with torch.no_grad():
+        hidden = decoder_of(tiny_lm)(input_ids=torch.tensor([prompt])).last_hidden_state[:, -1]
+        exclude = torch.tensor([[True, False, False, False]])
+        probs = head.log_probs(hidden, tiny_lm.get_output_embeddings().weight, exclude).exp()[0]
+    counts = torch.bincount(torch.tensor(drawn), minlength=4).float() / 400
+    assert counts[0] == 0  # excluded
+    assert torch.allclose(counts, probs, atol=0.07), (counts, probs)
+
+
+def test_reply_carries_its_items():
+    reply = Reply("How about Up (2009)?", ["up"])
+    assert reply == "How about Up (2009)?" and reply.items == ["up"] and isinstance(reply, str)
