@@ -139,3 +139,57 @@ def previous_mask(previous: torch.Tensor, n_items: int) -> torch.Tensor:
 def retrieval_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the target item over the whole catalogue."""
     return F.cross_entropy(scores.float(), target)
+
+
+@torch.no_grad()
+def slot_features(policy: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's hidden states at every recommendation sample of ``batches`` (``SFTBatch``-like: ``input_ids``,
+    ``attention_mask``, ``rec_row``, ``rec_position``, ``rec_target``), for fitting the item scores on them.
+
+    Returns:
+        ``(hidden (n, h) float32, target (n,), dialogue (n,))``; ``dialogue`` numbers the batches' rows in order.
+    """
+    device = next(policy.parameters()).device
+    hidden, target, dialogue = [], [], []
+    seen = 0
+    for batch in batches:
+        if batch.rec_row is not None:
+            h = turn_hidden_states(policy, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                   batch.rec_row.to(device), batch.rec_position.to(device))
+            hidden.append(h.float().cpu())
+            target.append(batch.rec_target.cpu())
+            dialogue.append(batch.rec_row.cpu() + seen)
+        seen += batch.input_ids.shape[0]
+    if not hidden:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(hidden), torch.cat(target), torch.cat(dialogue)
+
+
+def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, output_embeddings: torch.Tensor,
+                  epochs: int, lr: float, batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> list[float]:
+    """Trains ``head`` (its map and per-item bias) on cached slot states: AdamW on the catalogue cross-entropy, the
+    title table fixed (``output_embeddings`` detached). Seeded, so every DDP rank fits the same head. Returns the mean
+    loss of each epoch.
+
+    An epoch over a whole training split costs one ``(n, h) x (h, n_items)`` matmul: seconds, where each SFT step runs
+    the whole language model for a few dialogues.
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = head.bias.device
+    table_source = output_embeddings.detach().float().to(device)
+    hidden, target = hidden.to(device), target.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(target), generator=generator).to(device)
+        total = 0.0
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo : lo + batch_size]
+            loss = retrieval_loss(head(hidden[rows], table_source), target[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(rows)
+        losses.append(total / max(1, len(target)))
+    return losses

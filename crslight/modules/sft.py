@@ -13,15 +13,17 @@ Mixed precision is the Trainer's: ``trainer.precision: bf16-mixed`` runs every f
 from __future__ import annotations
 
 import math
+import time
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
-from crslight.models.retrieval import retrieval_loss
+from crslight.models.retrieval import fit_item_head, retrieval_loss, slot_features
 from crslight.modules.policy import PolicyModule
 
 
@@ -91,6 +93,12 @@ class SFTModule(PolicyModule):
         trust_remote_code: Allow custom modelling code from the model folder.
         ranking_loss_weight: Weight of the item-ranking head's catalogue cross-entropy beside the LM loss (0: off); its
             gradient reaches the policy too, so a heavy weight slows the language model (docs/training.md).
+        item_head_epochs: After the last optimizer step, fit the item scores on every recommendation sample of the
+            training split for this many epochs (0: off): the trained policy reads each dialogue once, its hidden
+            states at the recommendation slots are kept, and the item scores train on them alone (:func:`~crslight.
+            models.retrieval.fit_item_head`), so they see the whole split although the LM steps see a few batches.
+        item_head_lr: Learning rate of that fit (AdamW).
+        item_head_dialogues: Read only the first N training dialogues for it (None: all).
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -121,6 +129,9 @@ class SFTModule(PolicyModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         ranking_loss_weight: float = 1.0,
+        item_head_epochs: int = 0,
+        item_head_lr: float = 1e-2,
+        item_head_dialogues: int | None = None,
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
@@ -169,6 +180,8 @@ class SFTModule(PolicyModule):
             opt.step()
             opt.zero_grad()
             self.lr_schedulers().step()
+            if self.hparams.item_head_epochs and self.trainer.global_step >= self.total_optimizer_steps():
+                self.fit_item_head()  # before the last checkpoint is written, so it holds the fitted scores
         lm = loss.lm.detach()
         self.log("train/loss", loss.total.detach(), prog_bar=True, sync_dist=True)
         self.log("train/lm_loss", lm, sync_dist=True)
@@ -194,6 +207,35 @@ class SFTModule(PolicyModule):
         if self.hparams.ranking_loss_weight and self.item_head is not None:  # the same on every rank
             self.log("val/rank_loss", self.val_rank_loss.compute(), sync_dist=True)
         self.val_rank_loss.reset()
+
+    def fit_item_head(self) -> None:
+        """Fits the item scores on the policy's slot states over the training split (``item_head_epochs``)."""
+        hp, dm = self.hparams, self.trainer.datamodule
+        if self.item_head is None or not hasattr(dm, "corpus"):
+            return
+        start = time.time()
+        split = dm.splits["fit"]
+        dialogues = dm.corpus(split).dialogues
+        if hp.item_head_dialogues:
+            dialogues = dialogues.select(range(min(hp.item_head_dialogues, len(dialogues))))
+        index = dm.corpus(split).item_index
+        samples = [dm.encode_sft(turns, index, dm.max_length) for turns in dialogues["turns"]]
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))  # little padding
+        batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
+                   for lo in range(0, len(order), dm.batch_size * 4))
+        was_training = self.policy.training
+        self.policy.eval()
+        with self.trainer.precision_plugin.forward_context():
+            hidden, target, _ = slot_features(self.policy, batches)
+        self.policy.train(was_training)
+        with torch.enable_grad():
+            losses = fit_item_head(self.item_head, hidden, target, self.policy.get_output_embeddings().weight,
+                                   hp.item_head_epochs, hp.item_head_lr, seed=self.trainer.global_step)
+        seconds = time.time() - start
+        self.item_head_fit = {"samples": len(target), "first_loss": losses[0], "last_loss": losses[-1],
+                              "seconds": seconds}
+        rank_zero_info(f"item scores fitted on {len(target)} slot states of {len(dialogues)} {split} dialogues: "
+                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {hp.item_head_epochs} epochs, {seconds:.1f} s")
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""
