@@ -44,7 +44,6 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -56,28 +55,12 @@ from popularity_baseline import evaluate_ranking, popularity_ranking, popularity
 
 from crslight.data import load_corpus  # noqa: E402
 from crslight.data.schema import RecSample  # noqa: E402
+from crslight.models.cooccurrence import ease, mention_matrix  # noqa: E402
 
 #: Weight of the popularity tie-break (times the popularity rank / catalogue size, so at most this).
 TIE_BREAK = 1e-6
 #: Rows of the table, in order (the JSON has every metric).
 TABLE_METRICS = [f"{m}@{k}{v}" for v in ("", "_new") for m in ("recall", "ndcg", "mrr") for k in (1, 10, 50)]
-
-
-def mention_matrix(dialogues: Iterable[list[dict]], index: dict[str, int]) -> sp.csr_matrix:
-    """``(n_dialogues, n_items)`` binary: 1 where the dialogue mentions the catalogue item (in any turn, either role).
-
-    Args:
-        dialogues: each dialogue's turns (schema dicts with ``items``).
-        index: item id → catalogue column.
-    """
-    rows: list[int] = []
-    cols: list[int] = []
-    n = 0
-    for n, turns in enumerate(dialogues, start=1):
-        items = {index[i] for t in turns for i in t["items"] if i in index}
-        rows.extend([n - 1] * len(items))
-        cols.extend(items)
-    return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, len(index)))
 
 
 def context_matrix(samples: list[RecSample], index: dict[str, int]) -> sp.csr_matrix:
@@ -136,14 +119,7 @@ class EASE:
     def fit(self, mentions: sp.csr_matrix) -> EASE:
         """Fits on ``(n_dialogues, n_items)`` binary mentions, over the items they mention."""
         self.num_items = mentions.shape[1]
-        self.items = np.flatnonzero(np.asarray(mentions.sum(0)).ravel())
-        x = mentions[:, self.items]
-        gram = (x.T @ x).toarray()
-        gram[np.diag_indices_from(gram)] += self.l2
-        precision = np.linalg.inv(gram)
-        weights = precision / -np.diag(precision)
-        np.fill_diagonal(weights, 0.0)
-        self.weights = weights
+        self.items, self.weights = ease(mentions, self.l2)
         return self
 
     def predict(self, context: sp.csr_matrix) -> np.ndarray:

@@ -35,8 +35,7 @@ from transformers import DynamicCache, LlamaModel
 
 from crslight.data.tokenize import ITEM_TOKEN, title_text
 from crslight.models.heads import position_ids_from_attention_mask
-from crslight.models.retrieval import ItemHead, decoder_of, previous_mask
-
+from crslight.models.retrieval import ItemHead, decoder_of
 
 # the KV cache's keyword in the transformer body's forward: ``cache`` in transformers 5, ``past_key_values`` before
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -122,8 +121,8 @@ class Engine:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
-    def _draw_items(self, hidden: torch.Tensor, exclude: torch.Tensor, generator: torch.Generator | None) -> list[int]:
-        logp = self.item_head.log_probs(hidden, self.model.get_output_embeddings().weight, exclude,
+    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+        logp = self.item_head.log_probs(hidden, self.model.get_output_embeddings().weight, previous,
                                         self.item_temperature)
         if self.greedy_items:
             return logp.argmax(-1).tolist()
@@ -136,7 +135,8 @@ class Engine:
 
         Args:
             prompts: token ids of each prompt (no padding).
-            exclude: per prompt, catalogue rows the item draw must skip (items already mentioned).
+            exclude: per prompt, catalogue rows mentioned in its context: the item scores read them (co-mentioned
+                items) and the draw skips them.
             generator: the random generator of every draw (None: torch's global one).
         """
         b = len(prompts)
@@ -156,11 +156,10 @@ class Engine:
         step = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
                     use_cache=True, **{_CACHE_KWARG: cache})
         hidden = step.last_hidden_state[:, -1]
-        excluded = None
+        previous = None
         if self.slot_id is not None:
             rows = [torch.tensor(x or [-1]) for x in (exclude or [[]] * b)]
-            padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
-            excluded = previous_mask(padded, self.item_head.num_items)
+            previous = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
         active = list(range(b))  # the batch rows still decoding, in cache order
         queue: list[list[int]] = [[] for _ in range(b)]
         budget = [self.max_new_tokens] * b
@@ -173,7 +172,7 @@ class Engine:
             if drawing:
                 index = torch.tensor(drawing, device=device)
                 rows = [active[k] for k in drawing]
-                items = self._draw_items(hidden[index], excluded[torch.tensor(rows, device=device)], generator)
+                items = self._draw_items(hidden[index], previous[torch.tensor(rows, device=device)], generator)
                 for i, item in zip(rows, items, strict=True):
                     out[i].slots.append((len(out[i].tokens) - 1, item))
                     queue[i] = list(self.titles()[item])

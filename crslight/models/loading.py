@@ -221,19 +221,22 @@ then needs :func:`fit_vocabulary`.
     return tokenizer
 
 
-def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   init_from: list[int] | None = None) -> PreTrainedModel:
     """Grows ``model``'s embeddings to cover ``tokenizer`` (the added slot token), deterministically.
 
-    A new row starts as the mean of the existing rows (input, and output when untied), so its logit starts at the
-    average token's and loading the same base twice gives the same model (a LoRA checkpoint relies on that).
+    A new row starts as the mean of the rows of the tokens ``init_from`` (the policy passes the first tokens of the
+    catalogue's titles: the slot then starts as likely as a title where a title fits), or of all existing rows
+    (input, and output when untied). Rows the model already has are never touched.
     """
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) <= old:
         return model
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    source = torch.tensor(sorted(set(init_from)), dtype=torch.long) if init_from else torch.arange(old)
     with torch.no_grad():
         for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
-            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+            emb.weight[old:] = emb.weight[source].mean(0, keepdim=True)
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             head.bias[old:] = head.bias[:old].mean()

@@ -27,6 +27,7 @@ def apply_lora(
     alpha: int = 32,
     dropout: float = 0.05,
     target_modules: list[str] | str | None = "all-linear",
+    trainable_tokens: list[int] | None = None,
 ) -> PeftModel:
     """Wraps ``model`` with fresh LoRA adapters; only the adapters are trainable afterwards.
 
@@ -42,6 +43,9 @@ def apply_lora(
         dropout: Dropout on the adapter input.
         target_modules: Module names to adapt, ``"all-linear"`` (every linear layer except the output
             head), or ``None`` for peft's default for the architecture (``q_proj``/``v_proj`` on Llama).
+        trainable_tokens: Token ids whose embedding rows train too (input and tied output rows; peft's
+            ``trainable_token_indices``): a token added to the vocabulary, such as the recommendation slot, has no
+            trained embedding to adapt. Their trained rows are saved with the adapters and merged with them.
 
     Returns:
         The peft model wrapping ``model`` (which is modified in place).
@@ -52,6 +56,7 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
+        trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
         task_type=TaskType.CAUSAL_LM if is_causal_lm else TaskType.FEATURE_EXTRACTION,
     )
     return get_peft_model(model, config)

@@ -70,21 +70,49 @@ class ItemHead(nn.Module):
         title_offsets: start of each title in ``title_ids``; its length is the catalogue size.
     """
 
-    def __init__(self, hidden_size: int, title_ids: torch.Tensor, title_offsets: torch.Tensor):
+    def __init__(self, hidden_size: int, title_ids: torch.Tensor, title_offsets: torch.Tensor, links: int = 0):
         super().__init__()
+        n = len(title_offsets)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.eye_(self.proj.weight)
-        self.bias = nn.Parameter(torch.zeros(len(title_offsets)))
+        self.bias = nn.Parameter(torch.zeros(n))
+        # the context's items: co-mentioned items (EASE links, weight ``link_weight``) and the items themselves
+        self.link_weight = nn.Parameter(torch.ones(()))
+        self.mention_bonus = nn.Parameter(torch.zeros(()))
         # kept in checkpoints, so a head rebuilds from a state dict alone (and a changed catalogue cannot load)
         self.register_buffer("title_ids", title_ids)
         self.register_buffer("title_offsets", title_offsets)
+        self.register_buffer("link_index", torch.full((n, links), -1, dtype=torch.long))
+        self.register_buffer("link_value", torch.zeros(n, links))
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> ItemHead:
         """A head shaped like the one that wrote ``state`` (keys under ``prefix``), with its weights."""
-        head = cls(state[prefix + "proj.weight"].shape[0], state[prefix + "title_ids"], state[prefix + "title_offsets"])
+        links = state[prefix + "link_index"].shape[1] if prefix + "link_index" in state else 0
+        head = cls(state[prefix + "proj.weight"].shape[0], state[prefix + "title_ids"], state[prefix + "title_offsets"],
+                   links)
         head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return head
+
+    def set_links(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Installs each item's links to co-mentioned items (``(n_items, k)`` columns, ``-1`` for none, and weights;
+        :func:`crslight.models.cooccurrence.top_links`)."""
+        self.link_index = index.to(self.title_ids.device)
+        self.link_value = value.to(self.title_offsets.device, torch.float32)
+
+    def context_scores(self, previous: torch.Tensor) -> torch.Tensor:
+        """``(n, n_items)``: from ``previous`` ``(n, m)`` (``-1``-padded catalogue rows mentioned before), the EASE
+        links of those items times ``link_weight``, plus ``mention_bonus`` on the items themselves."""
+        n, k = previous.shape[0], self.link_index.shape[1]
+        out = torch.zeros(n, self.num_items + 1, device=previous.device)
+        real = previous >= 0
+        if k:
+            target = self.link_index[previous.clamp(min=0)]  # (n, m, k)
+            value = self.link_value[previous.clamp(min=0)] * real[..., None]
+            target = torch.where(target >= 0, target, self.num_items)
+            out = out.scatter_add(1, target.reshape(n, -1), value.reshape(n, -1))
+        out = out[:, : self.num_items] * self.link_weight
+        return out + self.mention_bonus * previous_mask(previous, self.num_items)
 
     @classmethod
     def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str],
@@ -95,23 +123,28 @@ class ItemHead(nn.Module):
     def num_items(self) -> int:
         return len(self.title_offsets)
 
-    def log_probs(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, exclude: torch.Tensor | None = None,
+    def log_probs(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, previous: torch.Tensor | None = None,
                   temperature: float = 1.0) -> torch.Tensor:
         """The recommendation distribution at slot states: ``(n, h)`` → ``(n, n_items)`` float32 log-probabilities of
-        ``scores / temperature``, with the items in ``exclude`` (``(n, n_items)`` bool) given probability 0."""
-        scores = self(hidden, output_embeddings).float() / temperature
-        if exclude is not None:
-            scores = scores.masked_fill(exclude, float("-inf"))
+        ``scores / temperature``; the items in ``previous`` (``(n, m)`` ``-1``-padded rows: mentioned in the
+        dialogue) inform the scores and get probability 0 (a recommendation names something new)."""
+        scores = self(hidden, output_embeddings, previous).float() / temperature
+        if previous is not None:
+            scores = scores.masked_fill(previous_mask(previous, self.num_items), float("-inf"))
         return torch.log_softmax(scores, dim=-1)
 
     def item_table(self, output_embeddings: torch.Tensor) -> torch.Tensor:
         """``(n_items, h)``: each title's mean output-embedding row."""
         return F.embedding_bag(self.title_ids, output_embeddings, self.title_offsets, mode="mean")
 
-    def forward(self, hidden: torch.Tensor, output_embeddings: torch.Tensor) -> torch.Tensor:
-        """``(n, h)`` hidden states → ``(n, n_items)`` scores."""
+    def forward(self, hidden: torch.Tensor, output_embeddings: torch.Tensor,
+                previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, h)`` hidden states (and ``(n, m)`` rows mentioned before, ``-1``-padded) → ``(n, n_items)`` scores."""
         table = self.item_table(output_embeddings).to(hidden.dtype)
-        return self.proj(hidden) @ table.T + self.bias.to(hidden.dtype)
+        scores = self.proj(hidden) @ table.T + self.bias.to(hidden.dtype)
+        if previous is not None:
+            scores = scores + self.context_scores(previous).to(scores.dtype)
+        return scores
 
 
 def turn_hidden_states(
@@ -126,7 +159,7 @@ def turn_hidden_states(
 def rank_scores(policy: nn.Module, head: ItemHead, batch) -> torch.Tensor:
     """Catalogue scores ``(n, n_items)`` for every recommendation sample of an ``SFTBatch``."""
     hidden = turn_hidden_states(policy, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
-    return head(hidden, policy.get_output_embeddings().weight)
+    return head(hidden, policy.get_output_embeddings().weight, batch.rec_previous)
 
 
 def previous_mask(previous: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -144,32 +177,32 @@ def retrieval_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def slot_features(policy: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy's hidden states at every recommendation sample of ``batches`` (``SFTBatch``-like: ``input_ids``,
-    ``attention_mask``, ``rec_row``, ``rec_position``, ``rec_target``), for fitting the item scores on them.
+    ``attention_mask``, ``rec_row``, ``rec_position``, ``rec_target``, ``rec_previous``), for fitting the item scores.
 
     Returns:
-        ``(hidden (n, h) float32, target (n,), dialogue (n,))``; ``dialogue`` numbers the batches' rows in order.
+        ``(hidden (n, h) float32, target (n,), previous (n, m))``, ``previous`` ``-1``-padded.
     """
     device = next(policy.parameters()).device
-    hidden, target, dialogue = [], [], []
-    seen = 0
+    hidden, target, previous = [], [], []
     for batch in batches:
         if batch.rec_row is not None:
             h = turn_hidden_states(policy, batch.input_ids.to(device), batch.attention_mask.to(device),
                                    batch.rec_row.to(device), batch.rec_position.to(device))
             hidden.append(h.float().cpu())
             target.append(batch.rec_target.cpu())
-            dialogue.append(batch.rec_row.cpu() + seen)
-        seen += batch.input_ids.shape[0]
+            previous.extend(batch.rec_previous.cpu())
     if not hidden:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(hidden), torch.cat(target), torch.cat(dialogue)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.full((0, 1), -1, dtype=torch.long)
+    previous = torch.nn.utils.rnn.pad_sequence(previous, batch_first=True, padding_value=-1)
+    return torch.cat(hidden), torch.cat(target), previous
 
 
-def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, output_embeddings: torch.Tensor,
-                  epochs: int, lr: float, batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> list[float]:
-    """Trains ``head`` (its map and per-item bias) on cached slot states: AdamW on the catalogue cross-entropy, the
-    title table fixed (``output_embeddings`` detached). Seeded, so every DDP rank fits the same head. Returns the mean
-    loss of each epoch.
+def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, previous: torch.Tensor,
+                  output_embeddings: torch.Tensor, epochs: int, lr: float, batch_size: int = 256,
+                  weight_decay: float = 0.0, seed: int = 0) -> list[float]:
+    """Trains ``head`` (its map, per-item bias and context weights) on cached slot states: AdamW on the catalogue
+    cross-entropy, the title table fixed (``output_embeddings`` detached). Seeded, so every DDP rank fits the same
+    head. Returns the mean loss of each epoch.
 
     An epoch over a whole training split costs one ``(n, h) x (h, n_items)`` matmul: seconds, where each SFT step runs
     the whole language model for a few dialogues.
@@ -178,7 +211,7 @@ def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, ou
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device = head.bias.device
     table_source = output_embeddings.detach().float().to(device)
-    hidden, target = hidden.to(device), target.to(device)
+    hidden, target, previous = hidden.to(device), target.to(device), previous.to(device)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(epochs):
@@ -186,7 +219,7 @@ def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, ou
         total = 0.0
         for lo in range(0, len(order), batch_size):
             rows = order[lo : lo + batch_size]
-            loss = retrieval_loss(head(hidden[rows], table_source), target[rows])
+            loss = retrieval_loss(head(hidden[rows], table_source, previous[rows]), target[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()

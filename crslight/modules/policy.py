@@ -29,9 +29,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel
 
+from crslight.data.tokenize import ITEM_TOKEN, title_text
+from crslight.models.engine import Engine
 from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
-from crslight.models.engine import Engine
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead
 from crslight.modules.evaluation import PolicyEvaluator
@@ -191,7 +192,13 @@ class PolicyModule(LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        policy = fit_vocabulary(self.load_base_policy(), self.tokenizer)  # room for the recommendation slot token
+        catalogue = self.catalogue()
+        title_starts = None
+        if catalogue is not None:  # the slot token starts where a title would: as the mean first token of the titles
+            title_starts = [ids[0] for ids in self.tokenizer([title_text(n) for n in catalogue["name"]],
+                                                             add_special_tokens=False)["input_ids"] if ids]
+        policy = fit_vocabulary(self.load_base_policy(), self.tokenizer, title_starts)
+        slot = self.tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
         lean_mlps(policy)  # the same gradients with fewer saved activations (crslight.models.memory)
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -200,11 +207,10 @@ class PolicyModule(LightningModule):
             if hp.gradient_checkpointing:
                 policy.enable_input_require_grads()
             policy = apply_lora(policy, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
-                                target_modules=hp.lora_target_modules)
+                                target_modules=hp.lora_target_modules, trainable_tokens=[slot])
         self.policy = policy.train()  # from_pretrained returns eval mode; PPO switches dropout off itself
         self.build_extra()
         if self.item_head is None:
-            catalogue = self.catalogue()
             if catalogue is not None:  # the item scores over the DataModule's catalogue (crslight.models.retrieval)
                 attributes = catalogue["attributes"] if "attributes" in catalogue.column_names else None
                 self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, catalogue["name"], attributes)

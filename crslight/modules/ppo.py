@@ -67,7 +67,6 @@ from crslight.data.datamodules import PromptBatch
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
 from crslight.models.memory import release_heap
-from crslight.models.retrieval import previous_mask
 from crslight.modules.experience import Episodes, EpisodeSources, RunningMoments, collect_episodes, make_experience
 from crslight.modules.policy import Hidden, PolicyModule
 from crslight.modules.rollout import Samples, position_ids
@@ -367,8 +366,8 @@ class PPOModule(PolicyModule):
             if head is not None and next(head.parameters()).device != self.device:
                 head.to(self.device)
             hidden = out.hidden_states[-1][slots[:, 0], slots[:, 1]]
-            exclude = previous_mask(samples.slot_exclude.to(self.device), head.num_items)
-            item_logprobs = head.log_probs(hidden, model.get_output_embeddings().weight, exclude,
+            item_logprobs = head.log_probs(hidden, model.get_output_embeddings().weight,
+                                           samples.slot_exclude.to(self.device),
                                            hp.item_temperature).gather(1, slots[:, 2:3]).squeeze(1)
             logprobs = logprobs.index_put((slots[:, 0], slots[:, 1] - samples.start), item_logprobs, accumulate=True)
         value = None

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
+from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.retrieval import fit_item_head, retrieval_loss, slot_features
 from crslight.modules.policy import PolicyModule
 
@@ -99,6 +100,10 @@ class SFTModule(PolicyModule):
             models.retrieval.fit_item_head`), so they see the whole split although the LM steps see a few batches.
         item_head_lr: Learning rate of that fit (AdamW).
         item_head_dialogues: Read only the first N training dialogues for it (None: all).
+        item_links: Before that fit, link each item to its ``item_links`` strongest co-mentioned items (EASE over all
+            training dialogues, :mod:`crslight.models.cooccurrence`): the item scores then read which items the
+            dialogue has mentioned, with a learned weight (0: no links).
+        item_links_l2: EASE's L2 weight.
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -132,6 +137,8 @@ class SFTModule(PolicyModule):
         item_head_epochs: int = 0,
         item_head_lr: float = 1e-2,
         item_head_dialogues: int | None = None,
+        item_links: int = 0,
+        item_links_l2: float = 200.0,
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
@@ -163,7 +170,8 @@ class SFTModule(PolicyModule):
                           output_hidden_states=True)
         loss, n_tokens = lm_loss(out.logits, batch.labels)
         hidden = out.hidden_states[-1][batch.rec_row, batch.rec_position]  # post-norm: what the LM head reads
-        rank = retrieval_loss(self.item_head(hidden, self.policy.get_output_embeddings().weight), batch.rec_target)
+        scores = self.item_head(hidden, self.policy.get_output_embeddings().weight, batch.rec_previous)
+        rank = retrieval_loss(scores, batch.rec_target)
         return SFTLoss(loss + weight * rank, loss, rank, n_tokens)
 
     # -- training ---------------------------------------------------------------------------------------------------
@@ -226,11 +234,15 @@ class SFTModule(PolicyModule):
         was_training = self.policy.training
         self.policy.eval()
         with self.trainer.precision_plugin.forward_context():
-            hidden, target, _ = slot_features(self.policy, batches)
+            hidden, target, previous = slot_features(self.policy, batches)
         self.policy.train(was_training)
+        if hp.item_links:  # which items the training split mentions together (all of it: no model pass needed)
+            items, weights = ease(mention_matrix(dm.corpus(split).dialogues["turns"], index), hp.item_links_l2)
+            self.item_head.set_links(*top_links(items, weights, self.item_head.num_items, hp.item_links))
         with torch.enable_grad():
-            losses = fit_item_head(self.item_head, hidden, target, self.policy.get_output_embeddings().weight,
-                                   hp.item_head_epochs, hp.item_head_lr, seed=self.trainer.global_step)
+            losses = fit_item_head(self.item_head, hidden, target, previous,
+                                   self.policy.get_output_embeddings().weight, hp.item_head_epochs, hp.item_head_lr,
+                                   seed=self.trainer.global_step)
         seconds = time.time() - start
         self.item_head_fit = {"samples": len(target), "first_loss": losses[0], "last_loss": losses[-1],
                               "seconds": seconds}

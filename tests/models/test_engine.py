@@ -96,8 +96,7 @@ def test_sampled_items_follow_the_item_scores(tiny_lm, tiny_tokenizer):
     drawn = [g.items[0] for g in engine.generate([prompt] * 400, exclude=[[0]] * 400, generator=generator)]
     with torch.no_grad():
         hidden = decoder_of(tiny_lm)(input_ids=torch.tensor([prompt])).last_hidden_state[:, -1]
-        exclude = torch.tensor([[True, False, False, False]])
-        probs = head.log_probs(hidden, tiny_lm.get_output_embeddings().weight, exclude).exp()[0]
+        probs = head.log_probs(hidden, tiny_lm.get_output_embeddings().weight, torch.tensor([[0]])).exp()[0]
     counts = torch.bincount(torch.tensor(drawn), minlength=4).float() / 400
     assert counts[0] == 0  # excluded
     assert torch.allclose(counts, probs, atol=0.07), (counts, probs)

@@ -10,9 +10,9 @@ from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
 from crslight.data.tokenize import encode_prompt
+from crslight.models.engine import Generation, Reply
 from crslight.modules.experience import RunningMoments, turn_returns
 from crslight.modules.ppo import PPOModule, allocate_adam_state
-from crslight.models.engine import Generation, Reply
 from crslight.modules.rollout import EnginePolicy, pack
 from crslight.signals import AcceptanceSignal
 
@@ -284,8 +284,10 @@ def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommende
         hidden = decoder_of(module.policy)(**inputs).last_hidden_state[0]
         slot_column = column - samples.start + part.start
         token = torch.log_softmax(logits[slot_column - 1].float(), -1)[part.input_ids[0, slot_column]]
-        excluded = previous_mask(samples.slot_exclude[:1], len(names))
-        scores = module.item_head(hidden[slot_column][None], module.policy.get_output_embeddings().weight).float()
+        previous = samples.slot_exclude[:1]
+        excluded = previous_mask(previous, len(names))
+        scores = module.item_head(hidden[slot_column][None], module.policy.get_output_embeddings().weight,
+                                  previous).float()
         drawn = torch.log_softmax((scores / 0.7).masked_fill(excluded, float("-inf")), -1)[0, item]
     assert exp["logprobs"][row, column - samples.start] == pytest.approx(float(token + drawn), abs=1e-4)
     assert not samples.response_mask[row, column + 1]  # the title's first token is written in, not an action

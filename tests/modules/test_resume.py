@@ -51,9 +51,11 @@ def test_ppo_resume_continues_exactly(tiny_policy, tiny_reward, tmp_path):
     assert trainer.global_step == straight_trainer.global_step >= 4  # optimizer steps: minibatches x iterations
     assert resumed.kl_controller.value == straight.kl_controller.value != half.kl_controller.value
     assert resumed.reward_moments.state_dict() == straight.reward_moments.state_dict()
-    # with LoRA the checkpoint is lean: adapters and value head only, plus optimizer, controller, moments and RNG
+    # with LoRA the checkpoint is lean: adapters (the slot token's row among them), value head and item scores only,
+    # plus optimizer, controller, moments and RNG
     saved = torch.load(ckpt, weights_only=True)  # checkpoints load safely
-    assert all("lora_" in key or key.startswith(("value_head.", "item_head.")) for key in saved["state_dict"])
+    assert all("lora_" in key or "trainable_tokens" in key or key.startswith(("value_head.", "item_head."))
+               for key in saved["state_dict"])
     assert saved[STATE_KEY]["iterations"] == 2 and saved[RNG_KEY] and saved["optimizer_states"]
 
 

@@ -81,7 +81,9 @@ def test_fit_lowers_the_loss_and_moves_every_trainable_weight(tiny_policy, lora)
         if param.requires_grad:
             assert not torch.equal(param, before[name]), f"{name} did not change"
     if lora:
-        assert all("lora_" in n for n in before), "only the adapters train with LoRA"
+        # only the adapters train with LoRA, and the slot token's embedding row (a new token has none to adapt)
+        assert all("lora_" in n or "trainable_tokens" in n or n.startswith("item_head.") for n in before)
+        assert any("trainable_tokens" in n for n in before)
     metrics = trainer.callback_metrics
     assert {"train/loss", "train/ppl", "val/loss", "val/ppl"} <= metrics.keys()
     assert metrics["val/ppl"].item() == pytest.approx(math.exp(metrics["val/loss"].item()), rel=1e-4)
