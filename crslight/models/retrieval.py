@@ -91,7 +91,10 @@ class ItemHead(nn.Module):
         links = state[prefix + "link_index"].shape[1] if prefix + "link_index" in state else 0
         head = cls(state[prefix + "proj.weight"].shape[0], state[prefix + "title_ids"], state[prefix + "title_offsets"],
                    links)
-        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing = head.load_state_dict(own, strict=False).missing_keys
+        if set(missing) - {"link_weight", "mention_bonus", "link_index", "link_value"}:  # older heads had no links
+            raise RuntimeError(f"item head state lacks {sorted(missing)}")
         return head
 
     def set_links(self, index: torch.Tensor, value: torch.Tensor) -> None:

@@ -118,6 +118,10 @@ def load_initial_policy(
     return load_causal_lm(init_from, dtype=dtype, trust_remote_code=trust_remote_code), None
 
 
+#: item-score parts added after the first checkpoints were written: an older checkpoint without them still loads
+ITEM_HEAD_LATER = ("item_head.link_", "item_head.mention_bonus")
+
+
 class Hidden:
     """Holds a module outside the LightningModule: not in its ``state_dict``, not moved by Lightning, not in DDP."""
 
@@ -286,6 +290,7 @@ class PolicyModule(LightningModule):
         if not strict:
             keep = self.checkpoint_keys()
             missing = sorted(set(result.missing_keys) & keep) if keep is not None else result.missing_keys
+            missing = [k for k in missing if not k.startswith(ITEM_HEAD_LATER)]
             if missing:
                 raise RuntimeError(f"checkpoint lacks trained weights: {missing[:5]} ({len(missing)} in all)")
         return result
