@@ -171,6 +171,7 @@ class RewardBatch(NamedTuple):
         kind: ``(p,)`` index into :data:`PAIR_KINDS`.
         liked_index: ``(m,)`` sample index of each questionnaire answer.
         liked: ``(m,)`` the answer, 0 or 1.
+        items: ``n`` lists of the item ids each reply recommends.
     """
 
     context: list[list[dict]]
@@ -182,6 +183,7 @@ class RewardBatch(NamedTuple):
     kind: torch.Tensor
     liked_index: torch.Tensor
     liked: torch.Tensor
+    items: list[list[str]] = []
 
 
 def collate(groups: list[Group]) -> RewardBatch:
@@ -207,6 +209,7 @@ def collate(groups: list[Group]) -> RewardBatch:
         kind=column([p[2] for p in pairs], long),
         liked_index=column([i for i, _ in liked], long),
         liked=column([a for _, a in liked], long),
+        items=[list(s.items) for s in samples],
     )
 
 

@@ -104,7 +104,8 @@ class ConversationEvaluator(nn.Module):
             from crslight.modules.reward import RewardModule
 
             scorer = RewardModule.load(self.reward_model_path)
-            scores = scorer.score(contexts=[t.context for t in transitions], replies=[t.reply for t in transitions])
+            scores = scorer.score(contexts=[t.context for t in transitions], replies=[t.reply for t in transitions],
+                                  items=[t.items for t in transitions])
             scores = scores.float().cpu().tolist()
             self.reward.update(scores)
             starts = [0]

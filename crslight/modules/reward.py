@@ -50,6 +50,7 @@ from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
 from crslight.models.memory import lean_mlps
+from crslight.models.retrieval import attribute_words
 from crslight.modules.sft import warmup_cosine
 from crslight.rl.reward_losses import bradley_terry_loss, pairwise_accuracy, regression_loss
 
@@ -83,6 +84,9 @@ def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return name, module
     return None
+
+
+ITEM_FACTS_KEY = "crslight_item_facts"
 
 
 class RewardModule(LightningModule):
@@ -127,6 +131,10 @@ class RewardModule(LightningModule):
         score_batch_size: Samples per forward pass in :meth:`score`.
         init_seed: Seed of the ``tiny`` backbone's random weights.
         trust_remote_code: Allow custom modelling code from the model folder.
+        read_items: Read the recommended items themselves, not only the words around them: each reply is scored with
+            ``" | "`` and the catalogue's name and attributes of every item it recommends appended (``The Silent River
+            (2013): calm drama 2010s``), so a reply naming the wrong item for this seeker scores lower whatever its
+            words say. The catalogue comes from the DataModule at ``fit`` and is saved in the checkpoint.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class RewardModule(LightningModule):
         score_batch_size: int = 64,
         init_seed: int = 0,
         trust_remote_code: bool = False,
+        read_items: bool = False,
     ) -> None:
         super().__init__()
         if encoding not in ("cross", "siamese"):
@@ -197,6 +206,7 @@ class RewardModule(LightningModule):
                 self.head.proj.weight.zero_()
                 self.head.proj.weight[:, 2 * hidden:] = 1.0
         self.metrics = nn.ModuleDict({"val": _stage_metrics(), "test": _stage_metrics()})
+        self.item_facts: dict[str, str] = {}
 
     @staticmethod
     def _freeze_lower(model: nn.Module, trainable_layers: int) -> None:
@@ -279,10 +289,40 @@ class RewardModule(LightningModule):
         """``(b,)`` scores of (context, reply) inputs, with gradients (training and evaluation use it)."""
         return self(**self.encode(contexts, replies))
 
+    # -- the items a reply recommends ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.read_items and not self.item_facts and hasattr(datamodule, "corpus"):
+            catalogue = datamodule.corpus(datamodule.splits["fit"]).catalogue
+            attributes = catalogue["attributes"] if "attributes" in catalogue.column_names else [None] * len(catalogue)
+            self.item_facts = {item: f"{name}: {attribute_words(attrs)}" if attribute_words(attrs) else name
+                               for item, name, attrs in zip(catalogue["item_id"], catalogue["name"], attributes,
+                                                            strict=True)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.item_facts:
+            checkpoint[ITEM_FACTS_KEY] = self.item_facts
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.item_facts = dict(checkpoint.get(ITEM_FACTS_KEY, {}))
+
+    def reply_texts(self, replies: list[str], items: list[list[str]] | None) -> list[str]:
+        """What R_phi reads of each reply: the reply, and with ``read_items`` the facts of the items it recommends."""
+        if not self.hparams.read_items or not items:
+            return list(replies)
+        if not self.item_facts:
+            raise ValueError("read_items: this R_phi has no catalogue (fit it with a crslight DataModule)")
+        out = []
+        for reply, its in zip(replies, items, strict=True):
+            facts = [self.item_facts[i] for i in its if i in self.item_facts]
+            out.append(f"{reply} | {'; '.join(facts)}" if facts else reply)
+        return out
+
     @torch.no_grad()
-    def score(self, batch=None, replies: list[str] | None = None, contexts: list | None = None) -> torch.Tensor:
-        """R_phi's scores for PPO: ``score(batch)`` on anything with ``context`` and ``reply`` (a ``SignalBatch``,
-        a ``RewardBatch``), or ``score(contexts=..., replies=...)``.
+    def score(self, batch=None, replies: list[str] | None = None, contexts: list | None = None,
+              items: list[list[str]] | None = None) -> torch.Tensor:
+        """R_phi's scores for PPO: ``score(batch)`` on anything with ``context``, ``reply`` and ``items`` (a
+        ``SignalBatch``, a ``RewardBatch``), or ``score(contexts=..., replies=..., items=...)``.
 
         Contexts are schema turn lists or rendered strings. Runs in eval mode, in chunks of ``score_batch_size``.
 
@@ -290,9 +330,10 @@ class RewardModule(LightningModule):
             ``(b,)`` float32 scores, on the module's device.
         """
         if batch is not None:
-            contexts, replies = batch.context, batch.reply
+            contexts, replies, items = batch.context, batch.reply, getattr(batch, "items", None)
         if contexts is None or replies is None:
             raise ValueError("score needs a batch with context and reply, or contexts= and replies=")
+        replies = self.reply_texts(replies, items)
         contexts = [c if isinstance(c, str) else render_context(c, self.hparams.context_turns) for c in contexts]
         # similar lengths together: less padding; scores are put back in the input's order
         order = sorted(range(len(replies)), key=lambda i: len(contexts[i]) + len(replies[i]))
@@ -334,7 +375,7 @@ class RewardModule(LightningModule):
 
     def training_step(self, batch: RewardBatch, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
-        scores = self.score_texts(batch.context, batch.reply)
+        scores = self.score_texts(batch.context, self.reply_texts(batch.reply, batch.items))
         loss = self.losses(scores, batch)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val:
@@ -354,7 +395,7 @@ class RewardModule(LightningModule):
     # -- evaluation ---------------------------------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch: RewardBatch) -> None:
         metrics = self.metrics[stage]
-        scores = self.score_texts(batch.context, batch.reply).float()
+        scores = self.score_texts(batch.context, self.reply_texts(batch.reply, batch.items)).float()
         if batch.chosen.numel():
             correct = pairwise_accuracy(scores[batch.chosen], scores[batch.rejected])
             metrics["accuracy"].update(correct)

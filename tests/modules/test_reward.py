@@ -228,3 +228,32 @@ def test_ablate_retrains_without_each_signal(monkeypatch):
     assert all(0.0 <= row[k] <= 1.0 for row in (full, ablated) for k in ("pairwise_accuracy", "auc_liked"))
     with pytest.raises(ValueError, match="not in the config's label"):
         ablate(REPO / "configs/synthetic/reward.yaml", max_steps=1, signals=["NoSuchSignal"], overrides=small)
+
+
+def test_read_items_scores_the_recommended_item_from_the_catalogue(tmp_path):
+    """With read_items R_phi reads each recommended item's name and attributes: the same words naming another item
+    score differently, and the catalogue travels in the checkpoint."""
+    from crslight.data.datamodules import Synthetic
+
+    data = Synthetic(task="pairs", n_dialogues=20, n_items=30, batch_size=4)
+    module = RewardModule(backbone="tiny", read_items=True, lr=1e-3, warmup_steps=0)
+    seed_everything(0)
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    catalogue = data.corpus("train").catalogue
+    first, second = catalogue[0], catalogue[1]
+    assert module.item_facts[first["item_id"]].startswith(first["name"] + ": ")
+    words = "How about this one? It's a great movie."
+    texts = module.reply_texts([words, words, words], [[first["item_id"]], [second["item_id"]], []])
+    assert texts[0] == f"{words} | {module.item_facts[first['item_id']]}" and texts[2] == words
+    context = turns("Hi! I'm so bored tonight. Can you recommend a comedy movie?")
+    scores = module.score(contexts=[context] * 2, replies=[words] * 2,
+                          items=[[first["item_id"]], [second["item_id"]]])
+    assert scores[0] != scores[1]
+    ckpt = tmp_path / "r.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded = RewardModule.load(ckpt)
+    assert loaded.item_facts == module.item_facts
+    assert torch.allclose(loaded.score(contexts=[context] * 2, replies=[words] * 2,
+                                       items=[[first["item_id"]], [second["item_id"]]]), scores, atol=1e-5)
