@@ -216,12 +216,15 @@ def report_tables(report: dict) -> str:
 
 def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs: str | Path | None = None,
              eval_episodes: int = 200, eval_max_turns: int = 2, eval_max_new_tokens: int = 40,
-             extra: list[str] | None = None, stage_args: dict[str, list[str]] | None = None) -> dict:
+             extra: list[str] | None = None, stage_args: dict[str, list[str]] | None = None,
+             base_episodes: int = 0) -> dict:
     """Runs the chain and returns ``{"results": {policy: metrics}, "intervals": {policy: {metric: [mean, lo, hi]}},
     "differences_vs_sft": {policy: {metric: [mean, lo, hi]}}, "episodes": n, "seconds": {step: s},
     "checkpoints": {...}}``.
 
-    ``extra`` goes to every stage, ``stage_args[stage]`` to the fit of ``sft``, ``reward`` or ``ppo`` only."""
+    ``extra`` goes to every stage, ``stage_args[stage]`` to the fit of ``sft``, ``reward`` or ``ppo`` only. The base
+    model is tested on the ranking and on ``base_episodes`` episodes (0: none; its replies never recommend through the
+    slot it has not learned, so its conversation costs the most and says the least)."""
     configs = Path(configs or Path("configs") / dataset)
     missing = [str(configs / f"{s}.yaml") for s in STAGES if not (configs / f"{s}.yaml").is_file()]
     if missing:
@@ -251,7 +254,8 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
                         [*policy_sources, *no_validation, *extra, *stage_args["ppo"]])
     evaluation.append(f"--model.eval_reward_model={ckpt['reward']}")  # one R_phi judges all three policies
     runs = {
-        "base": timed("test base", _test, configs / "sft.yaml", out, "test_base", [*evaluation, *extra]),
+        "base": timed("test base", _test, configs / "sft.yaml", out, "test_base",
+                      [*evaluation, f"--model.eval_episodes={min(base_episodes, eval_episodes)}", *extra]),
         "sft": timed("test sft", _test, configs / "sft.yaml", out, "test_sft",
                      [f"--ckpt_path={ckpt['sft']}", *evaluation, *extra]),
         "rlhf": timed("test rlhf", _test, configs / "ppo.yaml", out, "test_rlhf",
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where the runs go (default: runs/pipeline/DATASET)")
     parser.add_argument("--eval-episodes", type=int, default=200,
                         help="simulator episodes per policy test (the same episodes for every policy)")
+    parser.add_argument("--base-episodes", type=int, default=0,
+                        help="simulator episodes of the base model's test (0: its ranking only)")
     parser.add_argument("--eval-max-turns", type=int, default=2)
     parser.add_argument("--eval-max-new-tokens", type=int, default=40)
     for stage in STAGES:
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = pipeline(args.dataset, args.out, args.configs, args.eval_episodes, args.eval_max_turns,
                       args.eval_max_new_tokens, args.overrides,
-                      {stage: shlex.split(getattr(args, stage)) for stage in STAGES})
+                      {stage: shlex.split(getattr(args, stage)) for stage in STAGES}, args.base_episodes)
     out = Path(args.out or Path("runs") / "pipeline" / args.dataset)
     print(f"\n{args.dataset}: base (zero-shot) / SFT / RLHF (SFT + PPO) and references, test split, "
           f"{report['episodes']} paired episodes, 95% bootstrap intervals ({report['seconds']['total'] / 60:.1f} min "

@@ -47,7 +47,7 @@ def tiny_configs(tiny_tokenizer, tmp_path):
 def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["pipeline", "--configs", str(tiny_configs), "--out", str(out), "--eval-episodes", "4",
-                 "--eval-max-new-tokens", "6"]) == 0
+                 "--base-episodes", "4", "--eval-max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     tables = (out / "comparison.md").read_text().strip()
     assert tables in printed

@@ -26,6 +26,7 @@ The loop has no collective operation, so DDP ranks decode independently (the pol
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 
@@ -104,6 +105,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.item_names = list(item_names or [])
         self._titles: list[list[int]] | None = None
+        self._bf16: nn.Module | None = None
 
     def titles(self) -> list[list[int]]:
         """Per catalogue row, the token ids written after its slot (the title as in training)."""
@@ -111,6 +113,19 @@ class Engine:
             encoded = self.tokenizer([title_text(n) for n in self.item_names], add_special_tokens=False)["input_ids"]
             self._titles = [list(ids) for ids in encoded]
         return self._titles
+
+    def decoding_model(self) -> nn.Module:
+        """The model the loop runs: under bf16 autocast on a CPU, a bfloat16 copy of a float32 model, made once per
+        engine. Autocast casts frozen float32 weights again at every call (it caches only weights that require
+        gradients), which costs a one-token decoding step more than its arithmetic; the copy computes what autocast
+        would, in bfloat16 (norms and softmax included), without the casts."""
+        param = next(self.model.parameters())
+        if (param.device.type == "cpu" and param.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            if self._bf16 is None:
+                self._bf16 = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+            return self._bf16
+        return self.model
 
     def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.temperature <= 0:
@@ -122,7 +137,7 @@ class Engine:
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
     def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None) -> list[int]:
-        logp = self.item_head.log_probs(hidden, self.model.get_output_embeddings().weight, previous,
+        logp = self.item_head.log_probs(hidden, self.decoding_model().get_output_embeddings().weight, previous,
                                         self.item_temperature)
         if self.greedy_items:
             return logp.argmax(-1).tolist()
@@ -151,7 +166,8 @@ class Engine:
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        body, head = decoder_of(self.model), self.model.get_output_embeddings()
+        model = self.decoding_model()
+        body, head = decoder_of(model), model.get_output_embeddings()
         cache = DynamicCache()
         step = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
                     use_cache=True, **{_CACHE_KWARG: cache})

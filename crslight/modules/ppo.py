@@ -132,6 +132,12 @@ def _release_heap_hook(grad: torch.Tensor) -> None:
     release_heap()
 
 
+#: AdamW's epsilon for the item scores' per-item bias: every item gets a gradient through the softmax, a tiny one when
+#: it was not drawn; Adam would scale those up to full-size steps (every bias moving by ``item_lr`` each step, noise),
+#: while with an epsilon well above them the drawn items move by about ``item_lr`` and the others hardly at all.
+ITEM_EPS = 1e-2
+
+
 class PPOModule(PolicyModule):
     """PPO (or GRPO) fine-tuning of the policy against R_phi in simulated conversations; see the module docstring.
 
@@ -153,8 +159,9 @@ class PPOModule(PolicyModule):
         temperature: Sampling temperature (the log-probs are those of the tempered distribution).
         top_k: Top-k sampling, 0 for off. Log-probs ignore the truncation, so keep it off for exact PPO.
         item_temperature: Temperature of the item draw at a recommendation slot (the log-probs are the tempered ones).
-        item_lr: Learning rate of the item scores (``None``: ``lr``). They are a small head that PPO moves directly,
-            so they can take a far larger rate than the language model's weights.
+        item_lr: Learning rate of the item scores' per-item bias and context weights (``None``: ``lr``): one number
+            per item that PPO moves directly, so it can take a far larger rate than the language model's weights (the
+            scores' ``hidden x hidden`` map, which moves every item at once, keeps ``lr``).
         ppo_epochs: Passes over each rollout batch.
         minibatch_size: Replies per optimizer step.
         micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
@@ -518,10 +525,13 @@ class PPOModule(PolicyModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        head = {id(p) for p in self.item_head.parameters()} if self.item_head is not None else set()
+        # the item scores' per-item bias and context weights at item_lr; their map W (hidden x hidden) moves every
+        # item's score at once and trains at the policy's rate
+        head = ({id(p) for name, p in self.item_head.named_parameters() if not name.startswith("proj.")}
+                if self.item_head is not None else set())
         groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in head]},
                   {"params": [p for p in self.trainable_parameters() if id(p) in head],
-                   "lr": hp.item_lr if hp.item_lr is not None else hp.lr}]
+                   "lr": hp.item_lr if hp.item_lr is not None else hp.lr, "eps": ITEM_EPS}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, weight_decay=hp.weight_decay)
         allocate_adam_state(opt)
         for handle in self._step_hooks:  # from an earlier fit of this module
