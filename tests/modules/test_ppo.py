@@ -11,10 +11,10 @@ from lightning.pytorch import Trainer, seed_everything
 from crslight.data.datamodules import Synthetic
 from crslight.data.tokenize import encode_prompt
 from crslight.models.engine import Generation, Reply
+from crslight.models.retrieval import decoder_of
 from crslight.modules.experience import RunningMoments, turn_returns
 from crslight.modules.ppo import PPOModule, allocate_adam_state
 from crslight.modules.rollout import EnginePolicy, pack
-from crslight.models.retrieval import decoder_of
 from crslight.signals import AcceptanceSignal
 from crslight.signals.base import SignalExtractor
 
