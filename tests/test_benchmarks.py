@@ -196,3 +196,22 @@ def test_cooccurrence_cli_on_synthetic(cooccurrence, tmp_path, isolated_cache, c
     table = capsys.readouterr().out.splitlines()
     assert "| metric | popularity | itemknn | itemknn + re-mention | ease | ease + re-mention |" in table
     assert f"| samples | {samples} | {samples} | {samples} | {samples} | {samples} |" in table
+
+
+def test_decoding_benchmark_times_both_samplers(tmp_path):
+    spec = importlib.util.spec_from_file_location("decoding", SCRIPT.parent / "decoding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "decoding.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert module.main(["--model", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+                            "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())["results"]
+    for precision in ("float32", "bf16-autocast"):
+        row = results[precision]
+        assert row["speedup"] == pytest.approx(row["generate"]["seconds"] / row["engine"]["seconds"], rel=0.02)
+        assert row["engine"]["tokens_per_s"] == pytest.approx(2 * 4 / row["engine"]["seconds"], rel=0.02)
