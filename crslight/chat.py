@@ -58,6 +58,10 @@ class ChatSession:
         top_p: nucleus sampling mass (1.0 turns it off).
         max_context_tokens: longest prompt; the oldest turns are dropped to fit (the system prompt stays).
         seed: seeds each reply's sampling (``seed + reply number``); None leaves torch's generator alone.
+        item_scores: the policy's item scores as :func:`crslight.models.retrieval.load_item_scores` returns them
+            (``(head, item ids, names)``, written by ``crslight export``); given, replies are decoded by the engine
+            (:mod:`crslight.models.engine`): at a recommendation slot the best item not yet mentioned is drawn from
+            them and its title written in (``top_p`` is not used), and a reply's items are the ones drawn.
     """
 
     def __init__(
@@ -72,8 +76,21 @@ class ChatSession:
         top_p: float = 0.9,
         max_context_tokens: int = 1024,
         seed: int | None = None,
+        item_scores: tuple | None = None,
     ):
         self.model, self.tokenizer, self.linker = model, tokenizer, linker
+        self.policy = None
+        if item_scores is not None:
+            from crslight.models.engine import Engine
+            from crslight.modules.rollout import EnginePolicy
+
+            head, item_ids, item_names = item_scores
+            slot_names = dict(zip(item_ids, item_names, strict=True))
+            engine = Engine(model, tokenizer, head.to(next(model.parameters()).device), list(item_names),
+                            max_new_tokens=max_new_tokens, temperature=temperature, greedy_items=True)
+            self.policy = EnginePolicy(engine, lambda turns: encode_prompt(tokenizer, turns, system_prompt,
+                                                                           max_context_tokens, slot_names),
+                                       item_ids, seed=seed)
         self.names = names or {}
         self.system_prompt = system_prompt
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
@@ -89,7 +106,11 @@ class ChatSession:
 
     @torch.no_grad()
     def generate(self, turns: list[dict]) -> str:
-        """The policy's next reply to ``turns`` (schema turns ending with the seeker's), special tokens removed."""
+        """The policy's next reply to ``turns`` (schema turns ending with the seeker's), special tokens removed; with
+        item scores a :class:`~crslight.models.engine.Reply` carrying the items it recommends."""
+        if self.policy is not None:
+            self.replies += 1
+            return self.policy([turns])[0]
         prompt = encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_context_tokens)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([prompt], device=device)
@@ -118,7 +139,8 @@ class ChatSession:
         ``items`` are the linked catalogue ids). The conversation is unchanged if generation is interrupted."""
         seeker = turn(SEEKER, text, self.linker.link(text))
         reply = self.generate([*self.turns, seeker])
-        recommender = turn(RECOMMENDER, reply, self.linker.link(reply))
+        items = list(reply.items) if hasattr(reply, "items") else self.linker.link(reply)
+        recommender = turn(RECOMMENDER, str(reply), items)
         self.turns += [seeker, recommender]
         return recommender
 
@@ -231,10 +253,13 @@ def chat(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     names = dict(zip(catalogue["item_id"], catalogue["name"], strict=True))
+    from crslight.models.retrieval import load_item_scores
+
+    item_scores = load_item_scores(policy) if Path(policy).expanduser().is_dir() else None
     session = ChatSession(
         model, tokenizer, ItemLinker.from_catalogue(catalogue), names,
         system_prompt=system_prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        max_context_tokens=max_context_tokens, seed=seed,
+        max_context_tokens=max_context_tokens, seed=seed, item_scores=item_scores,
     )
     print(f"crslight chat: {policy} on {device}, linking to the {dataset} catalogue ({len(session.linker)} items)",
           file=out)

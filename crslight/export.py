@@ -5,14 +5,17 @@ template, and a generation config that stops at the end-of-turn token, so that::
 
     model = AutoModelForCausalLM.from_pretrained(out)
 
-loads and generates with transformers alone (and ``crslight chat --policy out`` talks to it). Value heads, optimizer
-states and the like stay behind: they belong to training.
+loads and generates with transformers alone (and ``crslight chat --policy out`` talks to it). The policy's item scores
+go beside it (``item_scores.safetensors`` and ``item_catalogue.json``: the catalogue's ids and names in their row order),
+so that ``crslight chat`` recommends the way the policy was trained to: the item drawn from those scores at the slot
+token, its title written in. Value heads, optimizer states and the like stay behind: they belong to training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from crslight.models.retrieval import save_item_scores
 from crslight.modules.policy import find_checkpoint, load_policy_checkpoint, merge_lora
 
 
@@ -36,4 +39,6 @@ def export(ckpt: Path, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if module.item_head is not None and module.item_catalogue is not None:
+        save_item_scores(out, module.item_head, module.item_catalogue["item_id"], module.item_catalogue["name"])
     return str(out)

@@ -153,3 +153,31 @@ def test_unreadable_dataset_is_exit_2(policy_dir, tmp_path, capsys, monkeypatch)
     code, _, _ = run_chat(policy_dir, "hi", catalogue=None, dataset="redial", root=str(tmp_path))
     assert code == 2
     assert "redial" in capsys.readouterr().err
+
+
+def test_exported_item_scores_make_chat_recommend_through_them(tiny_recommender, tiny_tokenizer, tmp_path):
+    """A policy folder with item scores beside it (what `crslight export` writes): chat draws each recommended item from
+    those scores, writes its title, and the reply's items are exactly the drawn ones, never one already mentioned."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from crslight.models.retrieval import ItemHead, load_item_scores, save_item_scores
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_recommender).eval()
+    head = ItemHead.for_catalogue(model, tiny_tokenizer, CATALOGUE["name"])
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([4.0, 2.0, 0.0]))  # Up first, then Heat
+    save_item_scores(tmp_path, head, CATALOGUE["item_id"], CATALOGUE["name"])
+    scores = load_item_scores(tmp_path)
+    assert scores is not None and scores[1] == CATALOGUE["item_id"] and torch.equal(scores[0].bias, head.bias)
+    assert load_item_scores(tmp_path / "elsewhere") is None
+    session = ChatSession(model, tiny_tokenizer, ItemLinker.from_catalogue(CATALOGUE), max_new_tokens=12, seed=0,
+                          item_scores=scores)
+    recommended = []
+    for text in ("Any comedy?", "Something else?", "And another?", "One more?", "Any other?"):
+        reply = session.send(text)
+        for item in reply["items"]:
+            assert CATALOGUE["name"][CATALOGUE["item_id"].index(item)] in reply["text"]
+            recommended.append(item)
+    # best first, never one the conversation has mentioned (until every item has been)
+    assert len(recommended) >= 2 and recommended[:3] == ["m1", "m2", "m3"][: len(recommended[:3])]

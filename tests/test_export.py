@@ -59,3 +59,16 @@ def test_export_ppo_checkpoint_through_the_cli(tiny_policy, tiny_tokenizer, tmp_
     assert main(["export", "--ckpt", str(tmp_path / "ppo.ckpt"), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     _check_round_trip(module, tmp_path / "out", tiny_tokenizer)
+
+
+def test_export_writes_the_item_scores_beside_the_policy(tiny_policy, tmp_path):
+    from crslight.models.retrieval import load_item_scores
+
+    module = SFTModule(model=tiny_policy, lr=1e-2, lora=True, lora_r=4, lora_dropout=0.0)
+    module = _train_and_save(module, "sft", tiny_policy, tmp_path / "sft.ckpt")
+    export(tmp_path / "sft.ckpt", tmp_path / "out")
+    head, item_ids, names = load_item_scores(tmp_path / "out")
+    catalogue = Synthetic(n_dialogues=20).corpus("test").catalogue
+    assert item_ids == catalogue["item_id"] and names == catalogue["name"]
+    for key, value in module.item_head.state_dict().items():
+        assert torch.equal(head.state_dict()[key], value), key

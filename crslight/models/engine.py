@@ -10,7 +10,8 @@ Every place that samples a reply (PPO rollouts, the test's simulated episodes, `
    - after the slot token (:data:`~crslight.data.tokenize.ITEM_TOKEN`) was fed (also as a prompt's last token, which
      makes the reply start with a recommendation), the first title token of the item
      drawn from the policy's item scores at that state (:meth:`~crslight.models.retrieval.ItemHead.log_probs`:
-     sampled in rollouts, best-first with ``greedy_items``), items already mentioned in the context excluded;
+     sampled in rollouts, best-first with ``greedy_items``), items already mentioned in the context, and those drawn
+     earlier in the same reply, excluded;
    - otherwise a token sampled from the LM's next-token distribution (temperature, top-k), greedy at temperature 0.
 
 3. **Stop** a row at its end-of-turn token; finished rows leave the batch (their cache rows are dropped), and the
@@ -61,13 +62,14 @@ class Generation:
         tokens: the reply's token ids, up to and including the end-of-turn token when it was reached.
         sampled: per token, True where it was sampled (an action), False where a title was written in.
         slots: ``(offset of the slot token in tokens, catalogue row drawn)`` per recommendation.
-        excluded: catalogue rows that could not be drawn (mentioned in the context), the same for every slot.
+        excluded: per slot, the catalogue rows that could not be drawn there (mentioned in the context, or drawn at an
+            earlier slot of the reply); the item scores read them too.
     """
 
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     slots: list[tuple[int, int]] = field(default_factory=list)
-    excluded: list[int] = field(default_factory=list)
+    excluded: list[list[int]] = field(default_factory=list)
 
     @property
     def items(self) -> list[int]:
@@ -156,7 +158,8 @@ class Engine:
         """
         b = len(prompts)
         device = next(self.model.parameters()).device
-        out = [Generation(excluded=list(exclude[i]) if exclude else []) for i in range(b)]
+        out = [Generation() for _ in range(b)]
+        mentioned = [list(exclude[i]) if exclude else [] for i in range(b)]  # grows with each item drawn
         if b == 0:
             return out
         width = max(len(p) for p in prompts)
@@ -172,10 +175,6 @@ class Engine:
         step = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
                     use_cache=True, **{_CACHE_KWARG: cache})
         hidden = step.last_hidden_state[:, -1]
-        previous = None
-        if self.slot_id is not None:
-            rows = [torch.tensor(x or [-1]) for x in (exclude or [[]] * b)]
-            previous = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
         active = list(range(b))  # the batch rows still decoding, in cache order
         queue: list[list[int]] = [[] for _ in range(b)]
         budget = [self.max_new_tokens] * b
@@ -188,9 +187,13 @@ class Engine:
             if drawing:
                 index = torch.tensor(drawing, device=device)
                 rows = [active[k] for k in drawing]
-                items = self._draw_items(hidden[index], previous[torch.tensor(rows, device=device)], generator)
+                previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(mentioned[i] or [-1]) for i in rows],
+                                                           batch_first=True, padding_value=-1).to(device)
+                items = self._draw_items(hidden[index], previous, generator)
                 for i, item in zip(rows, items, strict=True):
                     out[i].slots.append((len(out[i].tokens) - 1, item))
+                    out[i].excluded.append(list(mentioned[i]))
+                    mentioned[i].append(item)
                     queue[i] = list(self.titles()[item])
             keep, next_tokens = [], []
             for k, i in enumerate(active):

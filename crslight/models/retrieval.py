@@ -130,10 +130,13 @@ class ItemHead(nn.Module):
                   temperature: float = 1.0) -> torch.Tensor:
         """The recommendation distribution at slot states: ``(n, h)`` → ``(n, n_items)`` float32 log-probabilities of
         ``scores / temperature``; the items in ``previous`` (``(n, m)`` ``-1``-padded rows: mentioned in the
-        dialogue) inform the scores and get probability 0 (a recommendation names something new)."""
+        dialogue) inform the scores and get probability 0 (a recommendation names something new, unless nothing new
+        is left)."""
         scores = self(hidden, output_embeddings, previous).float() / temperature
         if previous is not None:
-            scores = scores.masked_fill(previous_mask(previous, self.num_items), float("-inf"))
+            mask = previous_mask(previous, self.num_items)
+            mask &= ~mask.all(-1, keepdim=True)  # a dialogue that mentioned every item may name one again
+            scores = scores.masked_fill(mask, float("-inf"))
         return torch.log_softmax(scores, dim=-1)
 
     def item_table(self, output_embeddings: torch.Tensor) -> torch.Tensor:
@@ -229,3 +232,38 @@ def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, pr
             total += float(loss) * len(rows)
         losses.append(total / max(1, len(target)))
     return losses
+
+
+ITEM_SCORES_FILE = "item_scores.safetensors"
+ITEM_CATALOGUE_FILE = "item_catalogue.json"
+
+
+def save_item_scores(folder, head: ItemHead, item_ids: list[str], names: list[str]) -> None:
+    """Writes the item scores beside an exported policy: the head's tensors (safetensors) and the catalogue's ids and
+    names in its row order (what a recommendation slot writes)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, folder / ITEM_SCORES_FILE)
+    (folder / ITEM_CATALOGUE_FILE).write_text(json.dumps({"item_id": list(item_ids), "name": list(names)}) + "\n")
+
+
+def load_item_scores(folder) -> tuple[ItemHead, list[str], list[str]] | None:
+    """What :func:`save_item_scores` wrote in ``folder`` — ``(head, item ids, names)`` — or None when it has none."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ITEM_SCORES_FILE).is_file() or not (folder / ITEM_CATALOGUE_FILE).is_file():
+        return None
+    head = ItemHead.from_state_dict(load_file(folder / ITEM_SCORES_FILE))
+    catalogue = json.loads((folder / ITEM_CATALOGUE_FILE).read_text())
+    if len(catalogue["item_id"]) != head.num_items:
+        raise ValueError(f"{folder / ITEM_CATALOGUE_FILE} names {len(catalogue['item_id'])} items, the item scores "
+                         f"{head.num_items}")
+    return head.eval(), catalogue["item_id"], catalogue["name"]

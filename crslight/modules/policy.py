@@ -38,6 +38,7 @@ from crslight.models.retrieval import ItemHead
 from crslight.modules.evaluation import PolicyEvaluator
 
 MODULE_KEY = "crslight_module"
+CATALOGUE_KEY = "crslight_catalogue"
 STATE_KEY = "crslight_state"
 RNG_KEY = "crslight_rng"
 
@@ -170,6 +171,7 @@ class PolicyModule(LightningModule):
         self.policy: PreTrainedModel | None = None
         self.item_head: ItemHead | None = None
         self.evaluator: PolicyEvaluator | None = None
+        self.item_catalogue: dict[str, list[str]] | None = None  # from a checkpoint: {"item_id": [...], "name": [...]}
         self._tokenizer = None
         # With LoRA a checkpoint holds only the trainable weights; the frozen base comes back from model / init_from.
         self.strict_loading = not lora
@@ -266,6 +268,11 @@ class PolicyModule(LightningModule):
         if keep is not None:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[STATE_KEY] = self.extra_state()
+        catalogue = self.catalogue()
+        if catalogue is not None:  # ids and names in the item scores' row order: export and chat write titles
+            checkpoint[CATALOGUE_KEY] = {"item_id": list(catalogue["item_id"]), "name": list(catalogue["name"])}
+        elif self.item_catalogue is not None:
+            checkpoint[CATALOGUE_KEY] = self.item_catalogue
         state = rng_state()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states: list[Any] = [None] * dist.get_world_size()
@@ -279,6 +286,7 @@ class PolicyModule(LightningModule):
         if self.item_head is None and "item_head.title_ids" in state:
             self.item_head = ItemHead.from_state_dict(state, prefix="item_head.")
         self.load_extra_state(checkpoint.get(STATE_KEY, {}))
+        self.item_catalogue = checkpoint.get(CATALOGUE_KEY, self.item_catalogue)
         states = checkpoint.get(RNG_KEY)
         if states and self._trainer is not None and self.trainer.state.fn == "fit":  # resuming, not evaluating
             rank = self.trainer.global_rank

@@ -82,7 +82,7 @@ def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], 
             input_ids[i, start : start + len(reply)] = torch.tensor(reply, dtype=torch.long)
             response_mask[i, start : start + len(reply)] = torch.tensor(generations[i].sampled, dtype=torch.long)
     slots = [(i, start + offset, item) for i, g in enumerate(generations) for offset, item in g.slots]
-    excluded = [g.excluded or [-1] for g in generations for _ in g.slots]
+    excluded = [rows or [-1] for g in generations for rows in g.excluded]
     width = max((len(x) for x in excluded), default=1)
     return Samples(input_ids, attention_mask, response_mask, start,
                    torch.tensor(slots, dtype=torch.long).reshape(-1, 3),

@@ -46,6 +46,8 @@ def test_context_scores_by_hand():
     # the recommendation distribution never names an item the dialogue mentioned
     logp = head.log_probs(hidden, table, previous)
     assert torch.isinf(logp[0, :2]).all() and torch.isinf(logp[1, 2]) and torch.isfinite(logp[2]).all()
+    # unless the dialogue has mentioned every item: then any may be named again
+    assert torch.isfinite(head.log_probs(hidden[:1], table, torch.tensor([[0, 1, 2]]))).all()
     # and a head rebuilt from its state dict scores alike (links included)
     rebuilt = ItemHead.from_state_dict(head.state_dict())
     assert torch.equal(rebuilt(hidden, table, previous), head(hidden, table, previous))
