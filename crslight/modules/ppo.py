@@ -48,8 +48,8 @@ beyond what signals give, value bootstrapping at truncated replies (``missing_eo
 length normalisation. Each is a knob whose effect on a 135M recommender we have not measured.
 
 **DDP.** Every rank makes its own rollouts (episode ``i`` of step ``n`` on rank ``r`` has the index
-``(n * world + r) * b + i``, so ranks never repeat a user); generation stays in step across ranks
-(:mod:`crslight.modules.rollout`); gradients are averaged by DDP at every backward; statistics that steer training
+``(n * world + r) * b + i``, so ranks never repeat a user); ranks decode independently (the engine runs no
+collective operation); gradients are averaged by DDP at every backward; statistics that steer training
 (KL, reward moments) are reduced over ranks so every rank takes the same decisions; logs use ``sync_dist``.
 """
 
