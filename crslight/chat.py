@@ -81,8 +81,7 @@ class ChatSession:
         self.model, self.tokenizer, self.linker = model, tokenizer, linker
         self.policy = None
         if item_scores is not None:
-            from crslight.models.engine import Engine
-            from crslight.modules.rollout import EnginePolicy
+            from crslight.models.engine import Engine, EnginePolicy
 
             head, item_ids, item_names = item_scores
             slot_names = dict(zip(item_ids, item_names, strict=True))

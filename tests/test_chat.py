@@ -181,3 +181,26 @@ def test_exported_item_scores_make_chat_recommend_through_them(tiny_recommender,
             recommended.append(item)
     # best first, never one the conversation has mentioned (until every item has been)
     assert len(recommended) >= 2 and recommended[:3] == ["m1", "m2", "m3"][: len(recommended[:3])]
+
+
+def test_simulate_runs_an_exported_policy_through_its_item_scores(tiny_recommender, tiny_tokenizer, tmp_path):
+    """`crslight simulate --policy FOLDER` on an exported policy: its replies carry the items its scores drew."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from crslight.data.datamodules import Synthetic
+    from crslight.models.retrieval import ItemHead, save_item_scores
+    from crslight.simulator.cli import make_policy
+
+    shutil.copytree(tiny_recommender, tmp_path / "policy")
+    corpus = Synthetic(n_dialogues=20, n_items=30).corpus("test")
+    model = AutoModelForCausalLM.from_pretrained(tiny_recommender)
+    head = ItemHead.for_catalogue(model, tiny_tokenizer, corpus.catalogue["name"], corpus.catalogue["attributes"])
+    save_item_scores(tmp_path / "policy", head, corpus.catalogue["item_id"], corpus.catalogue["name"])
+    policy = make_policy(str(tmp_path / "policy"), corpus, seed=0)
+    replies = policy([turns[:1] for turns in corpus.dialogues["turns"][:6]])
+    recommending = [r for r in replies if r.items]
+    assert recommending
+    names = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["name"], strict=True))
+    assert all(names[item] in reply for reply in recommending for item in reply.items)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -233,3 +234,54 @@ def item_rows_of(context: list[dict], item_index: dict[str, int]) -> list[int]:
     return list(dict.fromkeys(item_index[i] for turn in context for i in turn["items"] if i in item_index))
 
 
+class EnginePolicy:
+    """The environment's ``policy(contexts) -> replies`` through the engine, remembering what is behind every reply.
+
+    Each reply is a :class:`~crslight.models.engine.Reply` carrying the ids of the items the policy drew, so the
+    simulator reacts to exactly those; items mentioned in the context are never drawn again.
+
+    Args:
+        engine: the decoding engine.
+        encode: schema turns → prompt ids (the DataModule's ``encode_prompt``: same template, system prompt, slots).
+        item_ids: the catalogue ids in the item head's row order.
+        seed: seeds call ``n``'s draws with ``seed + n``; None uses torch's global generator.
+        record: keep ``(prompt, generation, reply)`` of every call (PPO), for :meth:`match`.
+    """
+
+    def __init__(self, engine: Engine, encode: Callable[[list[dict]], list[int]], item_ids: list[str],
+                 seed: int | None = None, record: bool = False) -> None:
+        self.engine, self.encode, self.item_ids = engine, encode, list(item_ids)
+        self.item_index = {item: row for row, item in enumerate(self.item_ids)}
+        self.seed, self.record = seed, record
+        self.calls: list[list[tuple[list[int], Generation, Reply]]] = []
+        self.n_calls = 0
+
+    def __call__(self, contexts: list[list[dict]]) -> list[Reply]:
+        prompts = [self.encode(context) for context in contexts]
+        exclude = [item_rows_of(context, self.item_index) for context in contexts]
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=next(self.engine.model.parameters()).device)
+            generator.manual_seed(self.seed + self.n_calls)
+        self.n_calls += 1
+        generations = self.engine.generate(prompts, exclude, generator)
+        replies = [Reply(self.engine.decode(g), [self.item_ids[row] for row in g.items]) for g in generations]
+        if self.record:
+            self.calls.append(list(zip(prompts, generations, replies, strict=True)))
+        return replies
+
+    def match(self, episodes: list) -> list[list[tuple[list[int], Generation, Reply]]]:
+        """Per episode, the ``(prompt, reply, text)`` of each of its steps.
+
+        The environment runs one lock-step batch: call ``s`` answered, in order, the episodes that reached step ``s``.
+        """
+        out: list[list[tuple[list[int], Generation, Reply]]] = [[] for _ in episodes]
+        for step, call in enumerate(self.calls):
+            owners = [k for k, e in enumerate(episodes) if len(e.transitions) > step]
+            if len(owners) != len(call):
+                raise RuntimeError(f"step {step}: {len(call)} replies recorded for {len(owners)} episodes")
+            for k, record in zip(owners, call, strict=True):
+                if episodes[k].transitions[step].reply != record[2]:
+                    raise RuntimeError(f"episode {episodes[k].index} step {step}: reply does not match the record")
+                out[k].append(record)
+        return out

@@ -242,8 +242,7 @@ class PolicyEvaluator(nn.Module):
         In the episodes the policy's replies are decoded by the engine (:mod:`crslight.models.engine`): words
         sampled (temperature 0.8, top-k 50), and at a recommendation slot the best item of its scores (``item_head``)
         that the dialogue has not mentioned yet."""
-        from crslight.models.engine import Engine
-        from crslight.modules.rollout import EnginePolicy
+        from crslight.models.engine import Engine, EnginePolicy
 
         out = self.ranking.compute()
         self.ranking.reset()

@@ -20,12 +20,13 @@ numbers of decoding steps never wait for each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from crslight.models.engine import Engine, Generation, Reply, item_rows_of
+from crslight.models.engine import EnginePolicy, Generation
+
+__all__ = ["EnginePolicy", "Samples", "pack", "position_ids"]
 
 
 class Samples(NamedTuple):
@@ -92,56 +93,3 @@ def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, as ``generate`` counts them for left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class EnginePolicy:
-    """The environment's ``policy(contexts) -> replies`` through the engine, remembering what is behind every reply.
-
-    Each reply is a :class:`~crslight.models.engine.Reply` carrying the ids of the items the policy drew, so the
-    simulator reacts to exactly those; items mentioned in the context are never drawn again.
-
-    Args:
-        engine: the decoding engine.
-        encode: schema turns → prompt ids (the DataModule's ``encode_prompt``: same template, system prompt, slots).
-        item_ids: the catalogue ids in the item head's row order.
-        seed: seeds call ``n``'s draws with ``seed + n``; None uses torch's global generator.
-        record: keep ``(prompt, generation, reply)`` of every call (PPO), for :meth:`match`.
-    """
-
-    def __init__(self, engine: Engine, encode: Callable[[list[dict]], list[int]], item_ids: list[str],
-                 seed: int | None = None, record: bool = False) -> None:
-        self.engine, self.encode, self.item_ids = engine, encode, list(item_ids)
-        self.item_index = {item: row for row, item in enumerate(self.item_ids)}
-        self.seed, self.record = seed, record
-        self.calls: list[list[tuple[list[int], Generation, Reply]]] = []
-        self.n_calls = 0
-
-    def __call__(self, contexts: list[list[dict]]) -> list[Reply]:
-        prompts = [self.encode(context) for context in contexts]
-        exclude = [item_rows_of(context, self.item_index) for context in contexts]
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=next(self.engine.model.parameters()).device)
-            generator.manual_seed(self.seed + self.n_calls)
-        self.n_calls += 1
-        generations = self.engine.generate(prompts, exclude, generator)
-        replies = [Reply(self.engine.decode(g), [self.item_ids[row] for row in g.items]) for g in generations]
-        if self.record:
-            self.calls.append(list(zip(prompts, generations, replies, strict=True)))
-        return replies
-
-    def match(self, episodes: list) -> list[list[tuple[list[int], Generation, Reply]]]:
-        """Per episode, the ``(prompt, reply, text)`` of each of its steps.
-
-        The environment runs one lock-step batch: call ``s`` answered, in order, the episodes that reached step ``s``.
-        """
-        out: list[list[tuple[list[int], Generation, Reply]]] = [[] for _ in episodes]
-        for step, call in enumerate(self.calls):
-            owners = [k for k, e in enumerate(episodes) if len(e.transitions) > step]
-            if len(owners) != len(call):
-                raise RuntimeError(f"step {step}: {len(call)} replies recorded for {len(owners)} episodes")
-            for k, record in zip(owners, call, strict=True):
-                if episodes[k].transitions[step].reply != record[2]:
-                    raise RuntimeError(f"episode {episodes[k].index} step {step}: reply does not match the record")
-                out[k].append(record)
-        return out

@@ -18,6 +18,7 @@ from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
 from crslight.simulator.persona import PersonaSimulator
 from crslight.simulator.policies import (
+    RECOMMENDER_PROMPT,
     AttributeOraclePolicy,
     LMPolicy,
     PopularityPolicy,
@@ -54,7 +55,8 @@ def default_simulator(corpus, root: str | None = None) -> UserSimulator:
 
 
 def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train=None) -> Policy:
-    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy`.
+    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy` (an exported
+    crslight policy, which carries its item scores, through the decoding engine).
 
     Args:
         name: a built-in name or a model name / folder.
@@ -86,7 +88,27 @@ def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train
     path = Path(name).expanduser()
     if (path.is_absolute() or name.startswith(".")) and not path.exists():
         raise ValueError(f"unknown policy {name!r}: not one of {', '.join(POLICIES)}, and no such model folder")
+    from crslight.models.retrieval import load_item_scores
+
+    item_scores = load_item_scores(path) if path.is_dir() else None
+    if item_scores is not None:  # an exported crslight policy: recommend through its item scores, as in training
+        return engine_policy(name, item_scores, seed)
     return LMPolicy.from_pretrained(name, seed=seed)
+
+
+def engine_policy(folder: str, item_scores: tuple, seed: int = 0) -> Policy:
+    """An exported policy folder with its item scores (``crslight export``) as an environment policy: replies decoded
+    by the engine (temperature 0.8, top-k 50), the best item not yet mentioned drawn at each recommendation slot."""
+    from crslight.data.tokenize import encode_prompt
+    from crslight.models.engine import Engine, EnginePolicy
+    from crslight.models.loading import load_causal_lm, load_tokenizer
+
+    head, item_ids, names = item_scores
+    model, tokenizer = load_causal_lm(folder).eval(), load_tokenizer(folder, padding_side="left", item_token=True)
+    engine = Engine(model, tokenizer, head, names, max_new_tokens=64, temperature=0.8, top_k=50, greedy_items=True)
+    slot_names = dict(zip(item_ids, names, strict=True))
+    return EnginePolicy(engine, lambda turns: encode_prompt(tokenizer, turns, RECOMMENDER_PROMPT, 768, slot_names),
+                        item_ids, seed=seed)
 
 
 def simulate(
