@@ -285,6 +285,9 @@ class PolicyModule(LightningModule):
         state = checkpoint.get("state_dict", {})
         if self.item_head is None and "item_head.title_ids" in state:
             self.item_head = ItemHead.from_state_dict(state, prefix="item_head.")
+        elif self.item_head is not None and "item_head.link_index" in state:
+            # links are fitted at the end of SFT: a head built fresh for the catalogue has none yet
+            self.item_head.set_links(state["item_head.link_index"], state["item_head.link_value"])
         self.load_extra_state(checkpoint.get(STATE_KEY, {}))
         self.item_catalogue = checkpoint.get(CATALOGUE_KEY, self.item_catalogue)
         states = checkpoint.get(RNG_KEY)

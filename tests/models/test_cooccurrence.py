@@ -51,3 +51,17 @@ def test_context_scores_by_hand():
     # and a head rebuilt from its state dict scores alike (links included)
     rebuilt = ItemHead.from_state_dict(head.state_dict())
     assert torch.equal(rebuilt(hidden, table, previous), head(hidden, table, previous))
+
+
+def test_a_checkpoint_brings_its_links_into_a_fresh_head(tiny_policy):
+    from crslight.modules.sft import SFTModule
+
+    module = SFTModule(model=tiny_policy)
+    module.configure_model()
+    module.item_head = ItemHead(64, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))  # built fresh: no links
+    trained = ItemHead(64, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), links=2)
+    trained.set_links(torch.tensor([[1, 2], [0, -1], [-1, -1]]), torch.tensor([[0.5, 0.2], [1.0, 0.0], [0.0, 0.0]]))
+    state = {f"item_head.{k}": v for k, v in trained.state_dict().items()}
+    module.on_load_checkpoint({"state_dict": state})
+    module.item_head.load_state_dict(trained.state_dict())
+    assert torch.equal(module.item_head.link_index, trained.link_index)
