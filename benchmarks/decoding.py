@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in (("generate", time_generate), ("engine", time_engine)):
                 fn(model, tokenizer, prompts, args.new_tokens)  # warm-up
                 best = min(fn(model, tokenizer, prompts, args.new_tokens) for _ in range(args.repeats))
-                row[name] = {"seconds": round(best, 3), "tokens_per_s": round(args.batch * args.new_tokens / best, 1)}
-            row["speedup"] = round(row["generate"]["seconds"] / row["engine"]["seconds"], 2)
+                seconds = max(round(best, 6), 1e-6)  # the rates below are computed from what is reported
+                row[name] = {"seconds": seconds, "tokens_per_s": round(args.batch * args.new_tokens / seconds, 1)}
+            row["speedup"] = round(row["generate"]["seconds"] / row["engine"]["seconds"], 3)
         results[precision] = row
         print(f"{precision}: generate {row['generate']['tokens_per_s']} tokens/s, engine "
               f"{row['engine']['tokens_per_s']} tokens/s, engine / generate {row['speedup']}x", flush=True)
