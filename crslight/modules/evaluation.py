@@ -194,15 +194,6 @@ def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, ro
     return env.rollout(policy_fn, list(range(rank, episodes, world_size)), batch_size=batch_size)
 
 
-def catalogue_names(module) -> list[str] | None:
-    """The item names of the module's DataModule catalogue (``None`` without a crslight DataModule)."""
-    trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if datamodule is None or not hasattr(datamodule, "corpus"):
-        return None
-    return datamodule.corpus("test").item_names
-
-
 class PolicyEvaluator(nn.Module):
     """What ``crslight test`` reports for a policy: ranking from its item head, then simulator episodes.
 

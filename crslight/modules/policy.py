@@ -233,7 +233,8 @@ class PolicyModule(LightningModule):
 
     def engine(self, **settings) -> Engine:
         """The decoding engine over this policy and its item scores (:mod:`crslight.models.engine`)."""
-        names = self.catalogue()["name"] if self.item_head is not None and self.catalogue() is not None else None
+        catalogue = self.catalogue() if self.item_head is not None else None
+        names = catalogue["name"] if catalogue is not None else None
         head = self.item_head if names is not None else None
         return Engine(self.policy, self.tokenizer, head, names, **settings)
 
