@@ -45,13 +45,18 @@ _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).param
 
 
 class Reply(str):
-    """A reply's text that also carries the catalogue ids it recommends (``items``), in order."""
+    """A reply's text that also carries the catalogue ids it recommends (``items``), in order, and per
+    recommendation the same reply with other items drawn there instead (``alternatives``: one list per slot, each a
+    :class:`Reply`; empty unless the engine draws alternatives)."""
 
     items: list[str]
+    alternatives: list[list[Reply]]
 
-    def __new__(cls, text: str, items: list[str] | None = None) -> Reply:
+    def __new__(cls, text: str, items: list[str] | None = None,
+                alternatives: list[list[Reply]] | None = None) -> Reply:
         reply = super().__new__(cls, text)
         reply.items = list(items or [])
+        reply.alternatives = [list(a) for a in alternatives or []]
         return reply
 
 
@@ -65,16 +70,25 @@ class Generation:
         slots: ``(offset of the slot token in tokens, catalogue row drawn)`` per recommendation.
         excluded: per slot, the catalogue rows that could not be drawn there (mentioned in the context, or drawn at an
             earlier slot of the reply); the item scores read them too.
+        alternatives: per slot, further items drawn from the same distribution at the same state (``item_alternatives``
+            of the engine; empty otherwise): what PPO shows the same user instead, to compare items in one state.
     """
 
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     slots: list[tuple[int, int]] = field(default_factory=list)
     excluded: list[list[int]] = field(default_factory=list)
+    alternatives: list[list[int]] = field(default_factory=list)
 
     @property
     def items(self) -> list[int]:
         return [row for _, row in self.slots]
+
+    def with_item(self, slot: int, row: int, titles: list[list[int]]) -> list[int]:
+        """The reply's tokens with the title written at slot number ``slot`` replaced by catalogue row ``row``'s."""
+        offset, drawn = self.slots[slot]
+        end = offset + 1 + len(titles[drawn])
+        return self.tokens[: offset + 1] + list(titles[row]) + self.tokens[end:]
 
 
 class Engine:
@@ -90,16 +104,20 @@ class Engine:
         top_k: sample among the k most likely tokens (0: all).
         item_temperature: temperature of the item draw.
         greedy_items: take the best item instead of sampling one.
+        item_alternatives: at each sampled recommendation, draw this many more items (with replacement) from the same
+            distribution and record them (:attr:`Generation.alternatives`); the reply names the first draw only.
     """
 
     def __init__(self, model: nn.Module, tokenizer, item_head: ItemHead | None = None,
                  item_names: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 1.0,
-                 top_k: int = 0, item_temperature: float = 1.0, greedy_items: bool = False):
+                 top_k: int = 0, item_temperature: float = 1.0, greedy_items: bool = False,
+                 item_alternatives: int = 0):
         if item_head is not None and (item_names is None or len(item_names) != item_head.num_items):
             raise ValueError(f"the item head scores {item_head.num_items} items: item_names must name each of them")
         self.model, self.tokenizer, self.item_head = model, tokenizer, item_head
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.item_temperature, self.greedy_items = item_temperature, greedy_items
+        self.item_alternatives = 0 if greedy_items else item_alternatives
         slot = tokenizer.convert_tokens_to_ids(ITEM_TOKEN) if ITEM_TOKEN in tokenizer.get_vocab() else None
         vocab = model.get_input_embeddings().weight.shape[0]
         self.slot_id = slot if item_head is not None and slot is not None and slot < vocab else None
@@ -139,12 +157,15 @@ class Engine:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
-    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor,
+                    generator: torch.Generator | None) -> list[list[int]]:
+        """Per row, the item drawn, then ``item_alternatives`` more from the same distribution."""
         logp = self.item_head.log_probs(hidden, self.decoding_model().get_output_embeddings().weight, previous,
                                         self.item_temperature)
         if self.greedy_items:
-            return logp.argmax(-1).tolist()
-        return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1).tolist()
+            return logp.argmax(-1)[:, None].tolist()
+        return torch.multinomial(logp.exp(), 1 + self.item_alternatives, replacement=True,
+                                 generator=generator).tolist()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], exclude: list[list[int]] | None = None,
@@ -190,10 +211,12 @@ class Engine:
                 rows = [active[k] for k in drawing]
                 previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(mentioned[i] or [-1]) for i in rows],
                                                            batch_first=True, padding_value=-1).to(device)
-                items = self._draw_items(hidden[index], previous, generator)
-                for i, item in zip(rows, items, strict=True):
+                draws = self._draw_items(hidden[index], previous, generator)
+                for i, (item, *alternatives) in zip(rows, draws, strict=True):
                     out[i].slots.append((len(out[i].tokens) - 1, item))
                     out[i].excluded.append(list(mentioned[i]))
+                    if self.item_alternatives:
+                        out[i].alternatives.append(alternatives)
                     mentioned[i].append(item)
                     queue[i] = list(self.titles()[item])
             keep, next_tokens = [], []
@@ -224,9 +247,10 @@ class Engine:
             hidden = step.last_hidden_state[:, -1]
         return out
 
-    def decode(self, generation: Generation) -> str:
-        """The reply's text (special tokens, the slot among them, left out)."""
-        return self.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+    def decode(self, generation: Generation | list[int]) -> str:
+        """The reply's text (special tokens, the slot among them, left out) of a generation or of token ids."""
+        tokens = generation.tokens if isinstance(generation, Generation) else generation
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def item_rows_of(context: list[dict], item_index: dict[str, int]) -> list[int]:
@@ -265,10 +289,18 @@ class EnginePolicy:
             generator.manual_seed(self.seed + self.n_calls)
         self.n_calls += 1
         generations = self.engine.generate(prompts, exclude, generator)
-        replies = [Reply(self.engine.decode(g), [self.item_ids[row] for row in g.items]) for g in generations]
+        replies = [self.reply(g) for g in generations]
         if self.record:
             self.calls.append(list(zip(prompts, generations, replies, strict=True)))
         return replies
+
+    def reply(self, generation: Generation) -> Reply:
+        """The :class:`Reply` of a generation, with its alternatives (the same words, another item at one slot)."""
+        ids = [self.item_ids[row] for row in generation.items]
+        alternatives = [[Reply(self.engine.decode(generation.with_item(s, row, self.engine.titles())),
+                               ids[:s] + [self.item_ids[row]] + ids[s + 1 :]) for row in rows]
+                        for s, rows in enumerate(generation.alternatives)]
+        return Reply(self.engine.decode(generation), ids, alternatives)
 
     def match(self, episodes: list) -> list[list[tuple[list[int], Generation, Reply]]]:
         """Per episode, the ``(prompt, reply, text)`` of each of its steps.

@@ -33,6 +33,9 @@ class Episodes:
         turn: ``(b,)`` the reply's turn in its episode.
         ended: ``(b,)`` whether the reply ended with the end-of-turn token (False: cut at ``max_new_tokens``).
         metrics: scalars to log (mean R_phi reward, signals, simulator acceptance ...).
+        slot_scores: ``(s, 1 + k)`` with item alternatives: per slot of ``samples``, the score of the same user's
+            reaction to the reply itself and to each alternative (:meth:`~crslight.simulator.ConversationEnv.
+            item_groups`); ``(s, 0)`` without.
     """
 
     samples: Samples
@@ -41,6 +44,7 @@ class Episodes:
     turn: torch.Tensor
     ended: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    slot_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
     def episode_returns(self, returns: torch.Tensor) -> torch.Tensor:
         """``(e,)`` each episode's return: that of its first reply (``returns`` are per reply)."""
@@ -151,6 +155,10 @@ def make_experience(module, batch: PromptBatch) -> tuple[Episodes, dict[str, tor
         advantages = group[episodes.episode].to(module.device)[:, None].expand_as(mask).float()
     exp["advantages"] = torch.where(mask, advantages, 0.0)
     exp["returns_per_reply"] = returns
+    if episodes.slot_scores.numel():  # each item against the others shown to the same user in the same state
+        groups = episodes.slot_scores
+        exp["slot_advantages"] = group_normalized_advantages(groups.flatten(), groups.shape[1]).reshape(
+            groups.shape).to(module.device)
     return episodes, exp
 
 
@@ -235,10 +243,13 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     hp, tokenizer, trainer = module.hparams, module.tokenizer, module.trainer
     env = module.sources.environment(stage)
     corpus = module.sources.corpus(stage)
-    engine = module.engine(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k)
+    alternatives = hp.item_alternatives if stage == "fit" else 0
+    engine = module.engine(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
+                           item_temperature=hp.item_temperature, item_alternatives=alternatives)
     policy = EnginePolicy(engine, trainer.datamodule.encode_prompt, corpus.catalogue["item_id"], record=True)
     repeat = hp.group_size if hp.advantage_estimator == "grpo" and stage == "fit" else 1
     metrics: dict[str, float] = {}
+    groups: list = []
     if env is None:
         contexts = [corpus.dialogues[int(d)]["turns"][: int(t)]
                     for d, t in zip(batch.dialogue_index, batch.turn_index, strict=True) for _ in range(repeat)]
@@ -250,14 +261,19 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     else:
         indices = [first_episode + i for i in range(len(batch.input_ids)) for _ in range(repeat)]
         episodes = env.rollout(policy, indices, batch_size=len(indices))
-        prompts, replies, episode, turn = [], [], [], []
+        prompts, replies, episode, turn, groups = [], [], [], [], []
         for k, steps in enumerate(policy.match(episodes)):
             for step, (prompt, generation, _) in enumerate(steps):
                 prompts.append(prompt)
                 replies.append(generation)
                 episode.append(k)
                 turn.append(step)
+                groups.extend(episodes[k].transitions[step].alternatives)  # per slot, in the samples' order
         signal_batch = to_signal_batch([t for e in episodes for t in e.transitions])
+        if groups:
+            group_scores, _ = score(module, to_signal_batch([t for group in groups for t in group]))
+            slot_scores = group_scores.reshape(len(groups), -1)
+            metrics["item_group_accept"] = sum(t.reaction.accepted for g in groups for t in g) / slot_scores.numel()
         metrics["accept"] = sum(e.accepted for e in episodes) / len(episodes)
         metrics["satisfaction"] = sum(e.satisfaction for e in episodes) / len(episodes)
         metrics["turns"] = sum(e.steps for e in episodes) / len(episodes)
@@ -269,4 +285,6 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     ended = torch.tensor([bool(r.tokens) and r.tokens[-1] == eos for r in replies])
     metrics["eos_rate"] = float(ended.float().mean())
     samples = pack(prompts, replies, tokenizer.pad_token_id)
-    return Episodes(samples, scores, torch.tensor(episode), torch.tensor(turn), ended, metrics)
+    if not groups:
+        slot_scores = torch.zeros(len(samples.slots), 0)
+    return Episodes(samples, scores, torch.tensor(episode), torch.tensor(turn), ended, metrics, slot_scores)

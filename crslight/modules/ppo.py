@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -132,6 +132,22 @@ def _release_heap_hook(grad: torch.Tensor) -> None:
     release_heap()
 
 
+class PolicyOutput(NamedTuple):
+    """What :meth:`PPOModule.forward` returns (see there)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    values: torch.Tensor | None
+    item_logprobs: torch.Tensor | None
+
+
+def item_kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over slots of the exact KL(pi || pi_ref) between two item distributions ``(s, n_items)`` (log-probs;
+    items impossible under pi contribute nothing)."""
+    terms = logprobs.exp() * (logprobs.clamp(min=-1e4) - ref_logprobs.clamp(min=-1e4))
+    return terms.sum(-1).mean()
+
+
 #: AdamW's epsilon for the item scores' per-item bias: every item gets a gradient through the softmax, a tiny one when
 #: it was not drawn; Adam would scale those up to full-size steps (every bias moving by ``item_lr`` each step, noise),
 #: while with an epsilon well above them the drawn items move by about ``item_lr`` and the others hardly at all.
@@ -162,6 +178,11 @@ class PPOModule(PolicyModule):
         item_lr: Learning rate of the item scores' per-item bias and context weights (``None``: ``lr``): one number
             per item that PPO moves directly, so it can take a far larger rate than the language model's weights (the
             scores' ``hidden x hidden`` map, which moves every item at once, keeps ``lr``).
+        item_alternatives: At each recommendation of a rollout, draw this many more items at the same slot state and
+            show each (the same words, that item's title) to a copy of the same user in the same state: the item
+            choice then learns from that group (its advantage: the item's immediate score standardised within the
+            group, clipped ratio and the exact KL of the item distribution to the reference's), instead of from the
+            episode's return. 0: the item's log-probability is part of the slot token's action.
         ppo_epochs: Passes over each rollout batch.
         minibatch_size: Replies per optimizer step.
         micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
@@ -220,6 +241,7 @@ class PPOModule(PolicyModule):
         top_k: int = 0,
         item_temperature: float = 1.0,
         item_lr: float | None = None,
+        item_alternatives: int = 0,
         ppo_epochs: int = 2,
         minibatch_size: int = 8,
         micro_batch_size: int = 8,
@@ -346,11 +368,12 @@ class PPOModule(PolicyModule):
         return self._sources
 
     # -- forward passes ---------------------------------------------------------------------------------------------
-    def forward(self, samples: Samples, values: bool = False, reference: bool = False, entropy: bool = False):
+    def forward(self, samples: Samples, values: bool = False, reference: bool = False,
+                entropy: bool = False) -> PolicyOutput:
         """Log-probabilities ``(b, w)`` of the actions at columns ``start..t-1`` (``w = t - start``) at
-        ``temperature``, the recommended items' log-probabilities added at their slot tokens; the token entropy
-        ``(b, w)`` (``None`` unless ``entropy``); values ``(b, w)`` of the states before them (``None`` unless
-        ``values``)."""
+        ``temperature``; without item alternatives, the drawn items' log-probabilities are added at their slot tokens;
+        the token entropy ``(b, w)`` (``None`` unless ``entropy``); values ``(b, w)`` of the states before them
+        (``None`` unless ``values``); the item distribution ``(s, n_items)`` at each slot (``None`` without slots)."""
         hp = self.hparams
         ids, mask = samples.input_ids.to(self.device), samples.attention_mask.to(self.device)
         actions = ids[:, samples.start :]
@@ -368,15 +391,17 @@ class PPOModule(PolicyModule):
         logprobs = logprobs_from_logits(logits, actions, hp.temperature)
         entropy = entropy_from_logits(logits / hp.temperature) if entropy else None
         del logits
+        item_logprobs = None
         if len(slots):
             head = self._reference_head.module if reference else self.item_head
             if head is not None and next(head.parameters()).device != self.device:
                 head.to(self.device)
             hidden = out.hidden_states[-1][slots[:, 0], slots[:, 1]]
             item_logprobs = head.log_probs(hidden, model.get_output_embeddings().weight,
-                                           samples.slot_exclude.to(self.device),
-                                           hp.item_temperature).gather(1, slots[:, 2:3]).squeeze(1)
-            logprobs = logprobs.index_put((slots[:, 0], slots[:, 1] - samples.start), item_logprobs, accumulate=True)
+                                           samples.slot_exclude.to(self.device), hp.item_temperature)
+            if not samples.slot_alternatives.shape[1]:
+                drawn = item_logprobs.gather(1, slots[:, 2:3]).squeeze(1)
+                logprobs = logprobs.index_put((slots[:, 0], slots[:, 1] - samples.start), drawn, accumulate=True)
         value = None
         if values and not reference:
             if self.critic_backbone is None:
@@ -386,7 +411,7 @@ class PPOModule(PolicyModule):
                                               position_ids=kwargs["position_ids"]).last_hidden_state
             with torch.autocast(self.device.type, enabled=False):  # values in float32 even under bf16 autocast
                 value = self.value_head(hidden[:, samples.start - 1 : -1].float())
-        return logprobs, entropy, value
+        return PolicyOutput(logprobs, entropy, value, item_logprobs)
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = self.hparams.micro_batch_size
@@ -394,20 +419,31 @@ class PPOModule(PolicyModule):
 
     @torch.no_grad()
     def score_samples(self, samples: Samples) -> dict[str, torch.Tensor]:
-        """Rollout-time ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` on the reply grid ``(b, w)``."""
+        """Rollout-time ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` on the reply grid ``(b, w)``; with
+        item alternatives, per slot ``slot_logprobs`` ``(s, 1 + k)`` of the item drawn and its alternatives, and
+        the reference's item distribution ``slot_ref_logprobs`` ``(s, n_items)``, in :meth:`Samples.slots_of` order."""
         width = samples.input_ids.shape[1] - samples.start
         out = defaultdict(list)
+        groups = samples.slot_alternatives.shape[1] > 0
         for rows in self._micro_batches(samples.input_ids.shape[0]):
             part = samples.select(rows)
             pad = width - (part.input_ids.shape[1] - part.start)
-            logprobs, entropy, values = self.forward(part, values=self.uses_critic, entropy=True)
-            entries = {"logprobs": logprobs, "entropy": entropy}
-            entries["ref_logprobs"], _, _ = self.forward(part, reference=True)
-            if values is not None:
-                entries["values"] = values.float()
+            own = self.forward(part, values=self.uses_critic, entropy=True)
+            ref = self.forward(part, reference=True)
+            entries = {"logprobs": own.logprobs, "entropy": own.entropy, "ref_logprobs": ref.logprobs}
+            if own.values is not None:
+                entries["values"] = own.values.float()
             for key, value in entries.items():
                 out[key].append(torch.nn.functional.pad(value, (0, pad)))
-        return {key: torch.cat(value) for key, value in out.items()}
+            if groups and len(part.slots):
+                out["slot_logprobs"].append(own.item_logprobs.gather(1, part.slot_items.to(self.device)))
+                out["slot_ref_logprobs"].append(ref.item_logprobs)
+        order = torch.cat([samples.slots_of(rows) for rows in self._micro_batches(samples.input_ids.shape[0])])
+        result = {key: torch.cat(value) for key, value in out.items()}
+        for key in ("slot_logprobs", "slot_ref_logprobs"):  # back to the samples' slot order
+            if key in result:
+                result[key] = result[key][order.argsort().to(result[key].device)]
+        return result
 
     # -- rollouts ---------------------------------------------------------------------------------------------------
     def collect(self, batch: PromptBatch, stage: str = "fit", first_episode: int | None = None) -> Episodes:
@@ -504,13 +540,23 @@ class PPOModule(PolicyModule):
         hp = self.hparams
         part = samples.select(rows)
         width = part.input_ids.shape[1] - part.start
-        pick = {key: value[rows][:, :width] for key, value in exp.items() if value.dim() == 2}
+        pick = {key: value[rows][:, :width] for key, value in exp.items()
+                if value.dim() == 2 and not key.startswith("slot_")}
         mask = pick["mask"]
-        logprobs, _, values = self.forward(part, values=self.uses_critic)
+        logprobs, _, values, item_logprobs = self.forward(part, values=self.uses_critic)
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick["logprobs"], pick["advantages"], mask,
                                                            hp.clip_range)
         out = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
         loss = policy_loss
+        if "slot_advantages" in exp and len(part.slots):  # the item choice, from its group of alternatives
+            slots = samples.slots_of(rows).to(self.device)
+            new = item_logprobs.gather(1, part.slot_items.to(self.device))
+            item_loss, item_clipfrac, _ = ppo_policy_loss(new, exp["slot_logprobs"][slots],
+                                                          exp["slot_advantages"][slots], torch.ones_like(new),
+                                                          hp.clip_range)
+            item_kl = item_kl_divergence(item_logprobs, exp["slot_ref_logprobs"][slots])
+            loss = loss + item_loss + self.kl_controller.value * item_kl
+            out.update(item_loss=item_loss.detach(), item_clipfrac=item_clipfrac, item_kl=item_kl.detach())
         if self.uses_critic:
             value_loss = ppo_value_loss(values, pick["values"], pick["returns"], mask, hp.value_clip)
             loss = loss + hp.vf_coef * value_loss

@@ -39,6 +39,8 @@ class Samples(NamedTuple):
         start: the column of every reply's first token.
         slots: ``(s, 3)`` long: per recommendation, its row, the column of its slot token, the catalogue row drawn.
         slot_exclude: ``(s, m)`` catalogue rows the draw could not take (``-1``-padded).
+        slot_alternatives: ``(s, k)`` the further items drawn at each slot (``item_alternatives``; ``k = 0``
+            without), shown to the same user to compare items in one state.
     """
 
     input_ids: torch.Tensor
@@ -47,6 +49,17 @@ class Samples(NamedTuple):
     start: int
     slots: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
     slot_exclude: torch.Tensor = torch.full((0, 1), -1, dtype=torch.long)
+    slot_alternatives: torch.Tensor = torch.zeros(0, 0, dtype=torch.long)
+
+    @property
+    def slot_items(self) -> torch.Tensor:
+        """``(s, 1 + k)``: per slot, the item drawn, then its alternatives."""
+        return torch.cat([self.slots[:, 2:3], self.slot_alternatives], dim=1)
+
+    def slots_of(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """Indices of the slots in ``rows``, in the order :meth:`select` keeps them."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return torch.isin(self.slots[:, 0], rows).nonzero().flatten() if len(self.slots) else rows.new_zeros(0)
 
     def select(self, rows: torch.Tensor | list[int]) -> Samples:
         """The rows ``rows``, with columns that are padding in all of them cut off (``start`` moves with the cut)."""
@@ -56,13 +69,13 @@ class Samples(NamedTuple):
         left, right = min(int(real.min()), self.start - 1), int(real.max()) + 1
         new_row = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long)
         new_row[rows] = torch.arange(len(rows))
-        keep = new_row[self.slots[:, 0]] >= 0 if len(self.slots) else torch.zeros(0, dtype=torch.bool)
+        keep = self.slots_of(rows)
         slots = self.slots[keep].clone()
         if len(slots):
             slots[:, 0] = new_row[slots[:, 0]]
             slots[:, 1] -= left
         return Samples(ids[:, left:right], mask[:, left:right], resp[:, left:right], self.start - left, slots,
-                       self.slot_exclude[keep])
+                       self.slot_exclude[keep], self.slot_alternatives[keep])
 
 
 def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], pad_id: int) -> Samples:
@@ -85,9 +98,13 @@ def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], 
     slots = [(i, start + offset, item) for i, g in enumerate(generations) for offset, item in g.slots]
     excluded = [rows or [-1] for g in generations for rows in g.excluded]
     width = max((len(x) for x in excluded), default=1)
+    alternatives = [rows for g in generations for rows in g.alternatives]
+    if len(alternatives) != len(slots) or len({len(a) for a in alternatives}) > 1:
+        alternatives = [[] for _ in slots]  # alternatives only when every slot has the same number
     return Samples(input_ids, attention_mask, response_mask, start,
                    torch.tensor(slots, dtype=torch.long).reshape(-1, 3),
-                   torch.tensor([x + [-1] * (width - len(x)) for x in excluded], dtype=torch.long).reshape(-1, width))
+                   torch.tensor([x + [-1] * (width - len(x)) for x in excluded], dtype=torch.long).reshape(-1, width),
+                   torch.tensor(alternatives, dtype=torch.long).reshape(len(slots), len(alternatives[0]) if slots else 0))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

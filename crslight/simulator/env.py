@@ -20,6 +20,7 @@ dialogue is its dwell time, exactly as in the real ReDial gaps the dwell model w
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class Transition:
         item_names: their names.
         reaction: the simulated user's reaction (utterance and signals).
         rating: the episode's satisfaction (1-5), filled in when the episode ends (NaN before).
+        alternatives: per recommendation of a reply that carries alternatives (``Reply.alternatives``), the same user
+            in the same state shown the reply itself and then each alternative (:meth:`ConversationEnv.item_groups`).
     """
 
     episode: int
@@ -57,6 +60,7 @@ class Transition:
     item_names: list[str]
     reaction: Reaction
     rating: float = math.nan
+    alternatives: list[list[Transition]] = field(default_factory=list)
 
 
 @dataclass
@@ -168,6 +172,34 @@ class ConversationEnv:
         linked = self.linker.link_batch([r for r in replies if getattr(r, "items", None) is None])[::-1]
         return [list(r.items) if getattr(r, "items", None) is not None else linked.pop() for r in replies]
 
+    def item_groups(self, episodes: list[Episode], states: list[UserState], rngs: list[np.random.Generator],
+                    step: int, contexts: list[list[dict]], replies: list[str]) -> list[list[list[Transition]]]:
+        """Per reply, per recommendation that has alternatives: the user's reaction to the reply itself and to each
+        alternative (the same words, another item at that slot), every one from a copy of the user's state and
+        random generator as they are before the reply: the same user, the same moment, the same chance draws, so
+        the group differs only in the item. Nothing of the episode itself changes. A reaction that ends the episode
+        (acceptance, leaving, the last turn) is rated with the satisfaction the episode would end with; others NaN.
+        """
+        jobs = [(k, s, option) for k, reply in enumerate(replies)
+                for s, alternatives in enumerate(getattr(reply, "alternatives", None) or [])
+                for option in [reply, *alternatives]]
+        out: list[list[list[Transition]]] = [
+            [[] for _ in getattr(reply, "alternatives", None) or []] for reply in replies]
+        if not jobs:
+            return out
+        copies = [copy.deepcopy(states[k]) for k, _, _ in jobs]
+        rngs = [copy.deepcopy(rngs[k]) for k, _, _ in jobs]
+        options = [option for _, _, option in jobs]
+        reactions = self.simulator.react_batch(copies, [contexts[k] for k, _, _ in jobs], options,
+                                               self.items_of(options), rngs)
+        for (k, s, option), state, reaction in zip(jobs, copies, reactions, strict=True):
+            ends = reaction.accepted or reaction.left or step == self.max_turns - 1
+            items = list(reaction.items)
+            out[k][s].append(Transition(episodes[k].index, step, contexts[k], option, items,
+                                        [self.names.get(i, i) for i in items], reaction,
+                                        self.simulator.satisfaction(state) if ends else math.nan))
+        return out
+
     def _run_batch(self, policy: Policy, indices: list[int]) -> list[Episode]:
         running = [self._begin(i) for i in indices]
         active = list(range(len(running)))
@@ -180,19 +212,22 @@ class ConversationEnv:
             if len(replies) != len(contexts):
                 raise ValueError(f"policy returned {len(replies)} replies for {len(contexts)} contexts")
             items = self.items_of(replies)
+            groups = self.item_groups(episodes, [running[k][1] for k in active], [running[k][2] for k in active],
+                                      step, contexts, replies)
             reactions = self.simulator.react_batch(
                 [running[k][1] for k in active], contexts, list(replies), items, [running[k][2] for k in active]
             )
             still = []
-            for k, episode, context, reply, its, reaction in zip(
-                active, episodes, contexts, replies, items, reactions, strict=True
+            for k, episode, context, reply, its, reaction, group in zip(
+                active, episodes, contexts, replies, items, reactions, groups, strict=True
             ):
                 start = self._clock(episode.turns) + len(reply.split()) / self.typing_speed
                 episode.turns.append(turn(RECOMMENDER, reply, its, time=start))
                 answer = start + reaction.dwell_time
                 episode.turns.append(turn(SEEKER, reaction.text, reaction.mentions, time=answer))
                 names = [self.names.get(i, i) for i in its]
-                episode.transitions.append(Transition(episode.index, step, context, reply, its, names, reaction))
+                episode.transitions.append(Transition(episode.index, step, context, reply, its, names, reaction,
+                                                      alternatives=group))
                 if reaction.accepted:
                     episode.ending = "accept"
                 elif reaction.left:

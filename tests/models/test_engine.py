@@ -105,3 +105,32 @@ def test_sampled_items_follow_the_item_scores(tiny_lm, tiny_tokenizer):
 def test_reply_carries_its_items():
     reply = Reply("How about Up (2009)?", ["up"])
     assert reply == "How about Up (2009)?" and reply.items == ["up"] and isinstance(reply, str)
+
+
+def test_alternatives_are_drawn_at_the_same_state_and_swap_only_the_title(tiny_lm, tiny_tokenizer):
+    from crslight.models.engine import EnginePolicy
+
+    head = _head(tiny_lm, tiny_tokenizer)
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+    prompt = _prompts(tiny_tokenizer)[0] + [slot]
+    engine = Engine(tiny_lm, tiny_tokenizer, head, NAMES, max_new_tokens=3, temperature=1.0, item_alternatives=5)
+    generations = engine.generate([prompt] * 200, exclude=[[0]] * 200, generator=torch.Generator().manual_seed(0))
+    assert all(len(g.alternatives) == len(g.slots) == 1 and len(g.alternatives[0]) == 5 for g in generations)
+    drawn = torch.tensor([row for g in generations for row in g.alternatives[0]])
+    with torch.no_grad():
+        hidden = decoder_of(tiny_lm)(input_ids=torch.tensor([prompt])).last_hidden_state[:, -1]
+        probs = head.log_probs(hidden, tiny_lm.get_output_embeddings().weight, torch.tensor([[0]])).exp()[0]
+    assert torch.allclose(torch.bincount(drawn, minlength=4).float() / len(drawn), probs, atol=0.05)
+    # each alternative reply: the same words, the alternative's title where the drawn one was, its id in the items
+    policy = EnginePolicy(engine, lambda context: prompt, ["heat", "up", "river", "alien"])
+    generation = generations[0]
+    reply = policy.reply(generation)
+    first = len(tiny_tokenizer(" " + NAMES[generation.items[0]], add_special_tokens=False)["input_ids"])
+    for row, alternative in zip(generation.alternatives[0], reply.alternatives[0], strict=True):
+        title = tiny_tokenizer(" " + NAMES[row], add_special_tokens=False)["input_ids"]
+        tokens = generation.with_item(0, row, engine.titles())
+        assert tokens == title + generation.tokens[first:]
+        assert alternative == engine.decode(tokens) and alternative.items == [policy.item_ids[row]]
+    # greedy decoding draws none
+    greedy = Engine(tiny_lm, tiny_tokenizer, head, NAMES, max_new_tokens=3, greedy_items=True, item_alternatives=5)
+    assert greedy.generate([prompt])[0].alternatives == []

@@ -308,9 +308,11 @@ class _NamesItemSignal(SignalExtractor):
         return [float(self.item in items) for items in batch.items]
 
 
-def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender):
+@pytest.mark.parametrize("alternatives", [0, 8], ids=["episode-return", "item-groups"])
+def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender, alternatives):
     """A seeded tiny GRPO run whose reward is earned only by recommending one item: afterwards the policy's item scores
-    draw that item far more often than before, and the reward of its last iterations is well above its first."""
+    draw that item far more often than before, and the reward of its last iterations is well above its first; the
+    same when the item choice learns from groups of alternatives shown to the same user."""
     from crslight.models.retrieval import ItemHead
 
     seed_everything(0)
@@ -320,7 +322,7 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender)
     module = PPOModule(model=tiny_recommender, signals=[_NamesItemSignal(target)], simulator="PersonaSimulator",
                        max_turns=1, max_new_tokens=4, minibatch_size=8, micro_batch_size=8, ppo_epochs=2, lr=1e-4,
                        item_lr=0.3, kl_coef=0.0, lora=True, lora_r=4, advantage_estimator="grpo", group_size=4,
-                       kl_estimator="k3")
+                       kl_estimator="k3", item_alternatives=alternatives)
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=10, limit_val_batches=0,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from crslight.data.schema import turn
+from crslight.simulator.base import catalogue_rows
 from crslight.simulator.env import ConversationEnv, signal_fields, summarise, to_signal_batch
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.policies import PopularityPolicy, RandomPolicy
@@ -94,3 +95,31 @@ def test_policy_must_answer_every_context(catalogue):
 def test_no_startable_dialogue_is_an_error(catalogue):
     with pytest.raises(ValueError, match="prefix"):
         ConversationEnv([{**dialogues()[0], "labels": []}], catalogue, GroundedSimulator(catalogue))
+
+
+def test_item_groups_show_each_alternative_to_the_same_user_without_changing_the_episode(catalogue):
+    from crslight.models.engine import Reply
+
+    names = {row["item_id"]: row["name"] for row in catalogue_rows(catalogue)}
+    wanted = ["10", "7", "1"]  # user k's target
+
+    def policy(contexts, alternatives=True):
+        replies = []
+        for c in contexts:
+            k = int(c[0]["text"].split()[4])
+            options = [Reply(f"Watch {names[i]}!", [i]) for i in (wanted[k], "3", "5")]
+            replies.append(Reply(f"Watch {names['4']}!", ["4"], [options] if alternatives else None))
+        return replies
+
+    env = make_env(catalogue, max_turns=2, leave_step=0.0)
+    episodes = env.rollout(policy, 6)
+    plain = make_env(catalogue, max_turns=2, leave_step=0.0).rollout(lambda c: policy(c, False), 6)
+    assert fingerprint(episodes) == fingerprint(plain)  # the groups draw from copies: the episode is the same
+    for episode in episodes:
+        for t in episode.transitions:
+            (group,) = t.alternatives
+            assert [g.reply for g in group] == [t.reply, *policy([t.context])[0].alternatives[0]]
+            assert group[0].reaction == t.reaction  # the reply itself: the same reaction as in the episode
+            assert group[1].reaction.accepted  # the user's target: taken up, rated as the episode would end
+            assert group[1].rating == pytest.approx(5.0 - 0.7 * t.step)
+            assert all(g.items == [g.reply.items[0]] and g.step == t.step for g in group)
