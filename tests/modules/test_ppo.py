@@ -308,29 +308,58 @@ class _NamesItemSignal(SignalExtractor):
         return [float(self.item in items) for items in batch.items]
 
 
-@pytest.mark.parametrize("alternatives", [0, 8], ids=["episode-return", "item-groups"])
-def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender, alternatives):
-    """A seeded tiny GRPO run whose reward is earned only by recommending one item: afterwards the policy's item scores
-    draw that item far more often than before, and the reward of its last iterations is well above its first; the
-    same when the item choice learns from groups of alternatives shown to the same user."""
+def _recommender_run(tiny_recommender, iterations, **options):
+    """A tiny PPO module over the synthetic scenario's simulator, with item scores built as SFT would, its data and
+    trainer."""
     from crslight.models.retrieval import ItemHead
 
     seed_everything(0)
     data = Synthetic(task="prompts", tokenizer=tiny_recommender, n_dialogues=40, n_items=12, batch_size=2,
                      max_length=96)
-    target = "syn5"
-    module = PPOModule(model=tiny_recommender, signals=[_NamesItemSignal(target)], simulator="PersonaSimulator",
-                       max_turns=1, max_new_tokens=4, minibatch_size=8, micro_batch_size=8, ppo_epochs=2, lr=1e-4,
-                       item_lr=0.3, kl_coef=0.0, lora=True, lora_r=4, advantage_estimator="grpo", group_size=4,
-                       kl_estimator="k3", item_alternatives=alternatives)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=10, limit_val_batches=0,
+    module = PPOModule(model=tiny_recommender, simulator="PersonaSimulator", max_turns=1, max_new_tokens=4,
+                       minibatch_size=8, micro_batch_size=8, ppo_epochs=2, lr=1e-4, item_lr=0.3, kl_coef=0.0, lora=True,
+                       lora_r=4, advantage_estimator="grpo", group_size=4, kl_estimator="k3", **options)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=iterations, limit_val_batches=0,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     module.configure_model()
     catalogue = data.corpus("train").catalogue
     module.item_head = ItemHead.for_catalogue(module.policy, module.tokenizer, catalogue["name"],
                                               catalogue["attributes"]).requires_grad_(True)  # what fit would build
-    row = catalogue["item_id"].index(target)
+    return module, data, trainer
+
+
+def test_rollouts_draw_items_at_the_item_temperature(tiny_recommender):
+    """The rollout's draws (the item and its alternatives) come from the distribution PPO scores them with: at an
+    item temperature near 0, each is that distribution's most likely item."""
+    module, data, trainer = _recommender_run(tiny_recommender, 1, signals=[AcceptanceSignal()], item_temperature=1e-4,
+                                             item_alternatives=4)
+    drawn = []
+    collect = module.collect
+
+    def recording_collect(batch, *args):
+        episodes = collect(batch, *args)
+        with torch.no_grad():
+            best = module.forward(episodes.samples).item_logprobs.argmax(-1, keepdim=True)
+        drawn.append((episodes.samples.slot_items, best))
+        return episodes
+
+    module.collect = recording_collect
+    trainer.fit(module, data)
+    items, best = drawn[0]
+    assert items.shape == (len(best), 5) and len(best) >= 4
+    assert (items == best).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("alternatives", [0, 8], ids=["episode-return", "item-groups"])
+def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender, alternatives):
+    """A seeded tiny GRPO run whose reward is earned only by recommending one item: afterwards the policy's item scores
+    draw that item far more often than before, and the reward of its last iterations is well above its first; the
+    same when the item choice learns from groups of alternatives shown to the same user."""
+    target = "syn5"
+    module, data, trainer = _recommender_run(tiny_recommender, 10, signals=[_NamesItemSignal(target)],
+                                             item_alternatives=alternatives)
+    row = data.corpus("train").catalogue["item_id"].index(target)
 
     def target_probability() -> float:
         prompts = [data.encode_prompt(turns[:1]) + [data.tokenizer.convert_tokens_to_ids("<|item|>")]
