@@ -8,6 +8,7 @@ the direct signals → :class:`Episodes`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -136,9 +137,13 @@ def make_experience(module, batch: PromptBatch) -> tuple[Episodes, dict[str, tor
     """
     hp = module.hparams
     module.eval()  # no dropout anywhere: the first minibatch's ratios are exactly 1
+    start = time.perf_counter()
     episodes = module.collect(batch)
+    collected = time.perf_counter()
     samples = episodes.samples
     exp = module.score_samples(samples)
+    episodes.metrics["seconds_rollout"] = collected - start
+    episodes.metrics["seconds_logprobs"] = time.perf_counter() - collected
     mask = samples.response_mask[:, samples.start :].to(module.device).bool()
     gather = lambda x: module.all_gather(x.to(module.device)).reshape(-1).cpu()  # noqa: E731
     returns = shaped_returns(episodes, module.reward_moments, hp, gather).to(module.device)
@@ -214,6 +219,7 @@ def score(module, batch: SignalBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """Each reply's score: R_phi plus the weighted direct signals (NaN counted as 0), and their means for logs."""
     if module.reward_model is None and not module.signals:
         raise ValueError("PPOModule has no reward: set reward_model (a RewardModule checkpoint) and/or signals")
+    start = time.perf_counter()
     scores = torch.zeros(len(batch))
     metrics: dict[str, float] = {}
     if module.reward_model is not None:
@@ -227,6 +233,7 @@ def score(module, batch: SignalBatch) -> tuple[torch.Tensor, dict[str, float]]:
         scores += weight * values.nan_to_num(0.0)
     metrics["score"] = float(scores.mean())
     metrics.setdefault("reward", metrics["score"])
+    metrics["seconds_scoring"] = time.perf_counter() - start
     return scores, metrics
 
 
@@ -271,7 +278,8 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
                 groups.extend(episodes[k].transitions[step].alternatives)  # per slot, in the samples' order
         signal_batch = to_signal_batch([t for e in episodes for t in e.transitions])
         if groups:
-            group_scores, _ = score(module, to_signal_batch([t for group in groups for t in group]))
+            group_scores, group_metrics = score(module, to_signal_batch([t for group in groups for t in group]))
+            metrics["seconds_scoring_alternatives"] = group_metrics["seconds_scoring"]
             slot_scores = group_scores.reshape(len(groups), -1)
             metrics["item_group_accept"] = sum(t.reaction.accepted for g in groups for t in g) / slot_scores.numel()
         metrics["accept"] = sum(e.accepted for e in episodes) / len(episodes)

@@ -56,6 +56,7 @@ collective operation); gradients are averaged by DDP at every backward; statisti
 from __future__ import annotations
 
 import copy
+import time
 from collections import defaultdict
 from typing import Any, Literal, NamedTuple
 
@@ -139,6 +140,7 @@ class PolicyOutput(NamedTuple):
     entropy: torch.Tensor | None
     values: torch.Tensor | None
     item_logprobs: torch.Tensor | None
+    slot_hidden: torch.Tensor | None = None
 
 
 def item_kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,11 @@ class PPOModule(PolicyModule):
             choice then learns from that group (its advantage: the item's immediate score standardised within the
             group, clipped ratio and the exact KL of the item distribution to the reference's), instead of from the
             episode's return. 0: the item's log-probability is part of the slot token's action.
-        ppo_epochs: Passes over each rollout batch.
+        item_ppo_epochs: With item alternatives: full-batch steps of the item scores alone on the rollout's slot states
+            (cached, so the language model does not run) before the ``ppo_epochs`` passes: cheap extra updates of the
+            item choice, each clipped to the rollout's distribution.
+        ppo_epochs: Passes over each rollout batch (0: the language model and its words stay as they are; with item
+            alternatives and ``item_ppo_epochs``, only the item choice is optimised).
         minibatch_size: Replies per optimizer step.
         micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
         clip_range: Epsilon of the policy ratio clip.
@@ -242,6 +248,7 @@ class PPOModule(PolicyModule):
         item_temperature: float = 1.0,
         item_lr: float | None = None,
         item_alternatives: int = 0,
+        item_ppo_epochs: int = 0,
         ppo_epochs: int = 2,
         minibatch_size: int = 8,
         micro_batch_size: int = 8,
@@ -391,7 +398,7 @@ class PPOModule(PolicyModule):
         logprobs = logprobs_from_logits(logits, actions, hp.temperature)
         entropy = entropy_from_logits(logits / hp.temperature) if entropy else None
         del logits
-        item_logprobs = None
+        item_logprobs = hidden = None
         if len(slots):
             head = self._reference_head.module if reference else self.item_head
             if head is not None and next(head.parameters()).device != self.device:
@@ -405,13 +412,19 @@ class PPOModule(PolicyModule):
         value = None
         if values and not reference:
             if self.critic_backbone is None:
-                hidden = out.hidden_states[-1]
+                states = out.hidden_states[-1]
             else:
-                hidden = self.critic_backbone(input_ids=ids, attention_mask=mask,
+                states = self.critic_backbone(input_ids=ids, attention_mask=mask,
                                               position_ids=kwargs["position_ids"]).last_hidden_state
             with torch.autocast(self.device.type, enabled=False):  # values in float32 even under bf16 autocast
-                value = self.value_head(hidden[:, samples.start - 1 : -1].float())
-        return PolicyOutput(logprobs, entropy, value, item_logprobs)
+                value = self.value_head(states[:, samples.start - 1 : -1].float())
+        return PolicyOutput(logprobs, entropy, value, item_logprobs, hidden)
+
+    def _reference_item_logprobs(self, hidden: torch.Tensor, samples: Samples) -> torch.Tensor:
+        """The reference's item distribution at slot states ``hidden`` of ``samples``."""
+        head = self._reference_head.module.to(self.device)
+        return head.log_probs(hidden, self.policy.get_output_embeddings().weight, samples.slot_exclude.to(self.device),
+                              self.hparams.item_temperature)
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = self.hparams.micro_batch_size
@@ -421,7 +434,8 @@ class PPOModule(PolicyModule):
     def score_samples(self, samples: Samples) -> dict[str, torch.Tensor]:
         """Rollout-time ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` on the reply grid ``(b, w)``; with
         item alternatives, per slot ``slot_logprobs`` ``(s, 1 + k)`` of the item drawn and its alternatives, and
-        the reference's item distribution ``slot_ref_logprobs`` ``(s, n_items)``, in :meth:`Samples.slots_of` order."""
+        the reference's item distribution ``slot_ref_logprobs`` ``(s, n_items)`` and the policy's ``slot_hidden``
+        states ``(s, h)``, in :meth:`Samples.slots_of` order."""
         width = samples.input_ids.shape[1] - samples.start
         out = defaultdict(list)
         groups = samples.slot_alternatives.shape[1] > 0
@@ -429,7 +443,11 @@ class PPOModule(PolicyModule):
             part = samples.select(rows)
             pad = width - (part.input_ids.shape[1] - part.start)
             own = self.forward(part, values=self.uses_critic, entropy=True)
-            ref = self.forward(part, reference=True)
+            if self.hparams.ppo_epochs:
+                ref = self.forward(part, reference=True)
+            else:  # the language model never trains: the reference differs in its item scores alone
+                ref = own._replace(item_logprobs=None if own.slot_hidden is None else self._reference_item_logprobs(
+                    own.slot_hidden, part))
             entries = {"logprobs": own.logprobs, "entropy": own.entropy, "ref_logprobs": ref.logprobs}
             if own.values is not None:
                 entries["values"] = own.values.float()
@@ -438,9 +456,10 @@ class PPOModule(PolicyModule):
             if groups and len(part.slots):
                 out["slot_logprobs"].append(own.item_logprobs.gather(1, part.slot_items.to(self.device)))
                 out["slot_ref_logprobs"].append(ref.item_logprobs)
+                out["slot_hidden"].append(own.slot_hidden.float())
         order = torch.cat([samples.slots_of(rows) for rows in self._micro_batches(samples.input_ids.shape[0])])
         result = {key: torch.cat(value) for key, value in out.items()}
-        for key in ("slot_logprobs", "slot_ref_logprobs"):  # back to the samples' slot order
+        for key in ("slot_logprobs", "slot_ref_logprobs", "slot_hidden"):  # back to the samples' slot order
             if key in result:
                 result[key] = result[key][order.argsort().to(result[key].device)]
         return result
@@ -463,7 +482,9 @@ class PPOModule(PolicyModule):
     # -- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         episodes, exp = self.make_experience(batch)
+        start = time.perf_counter()
         stats = self.update(episodes.samples, exp)
+        stats["seconds_update"] = torch.tensor(time.perf_counter() - start)
         mask = exp["mask"]
         kl_per_reply = masked_sum(exp["kl"], mask, 1)
         mean_kl = self.trainer.strategy.reduce(kl_per_reply.mean(), reduce_op="mean")
@@ -501,7 +522,8 @@ class PPOModule(PolicyModule):
             self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True, batch_size=b)
 
     def update(self, samples: Samples, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``ppo_epochs`` passes of clipped minibatch updates; returns the mean losses and diagnostics.
+        """``item_ppo_epochs`` steps of the item scores on the cached slot states, then ``ppo_epochs`` passes of
+        clipped minibatch updates; returns the mean losses and diagnostics.
 
         On a CPU the heap's free pages go back to the operating system (:func:`~crslight.models.memory.release_heap`)
         before each micro-batch's forward pass, which follows a rollout or a backward pass that freed a lot, and when
@@ -514,7 +536,11 @@ class PPOModule(PolicyModule):
         scheduler = self.lr_schedulers()
         n = samples.input_ids.shape[0]
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        counts: dict[str, int] = defaultdict(int)
+        if hp.item_ppo_epochs and "slot_advantages" in exp:
+            for key, value in self.update_items(samples, exp, opt.optimizer).items():
+                sums[key] += value
+                counts[key] += 1
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(n).tolist()
             for lo in range(0, n, hp.minibatch_size):
@@ -527,13 +553,50 @@ class PPOModule(PolicyModule):
                     self.manual_backward(losses["loss"] * len(rows) / len(minibatch))
                     for key, value in losses.items():
                         sums[key] += float(value.detach())
-                    count += 1
+                        counts[key] += 1
                 if hp.gradient_clip_val:
                     self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
                 opt.step()  # with optimizer_in_backward a no-op (no gradients are left) that Lightning counts
                 opt.zero_grad()
                 scheduler.step()
-        return {key: torch.tensor(value / count) for key, value in sums.items()}
+        return {key: torch.tensor(value / counts[key]) for key, value in sums.items()}
+
+    def item_loss(self, item_logprobs: torch.Tensor, items: torch.Tensor, exp: dict[str, torch.Tensor],
+                  slots: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The item choice's loss at slots ``slots`` (indices into ``exp``'s ``slot_*`` rows) from their item
+        distributions ``(s, n_items)``: the clipped surrogate of the item drawn and its alternatives (``items``
+        ``(s, 1 + k)``) with their group advantages, plus beta times the exact KL to the reference's items."""
+        new = item_logprobs.gather(1, items.to(self.device))
+        loss, clipfrac, _ = ppo_policy_loss(new, exp["slot_logprobs"][slots], exp["slot_advantages"][slots],
+                                            torch.ones_like(new), self.hparams.clip_range)
+        kl = item_kl_divergence(item_logprobs, exp["slot_ref_logprobs"][slots])
+        stats = {"item_loss": loss.detach(), "item_clipfrac": clipfrac, "item_kl": kl.detach()}
+        return loss + self.kl_controller.value * kl, stats
+
+    def update_items(self, samples: Samples, exp: dict[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """``item_ppo_epochs`` full-batch steps of the item scores alone on the rollout's slot states (cached by
+        :meth:`score_samples`; the language model does not run). Returns the first step's statistics."""
+        hp = self.hparams
+        head = self.item_head
+        table = self.policy.get_output_embeddings().weight.detach()  # the titles' rows: not trained here
+        slots = torch.arange(len(samples.slots), device=self.device)
+        first: dict[str, float] = {}
+        for _ in range(hp.item_ppo_epochs):
+            logprobs = head.log_probs(exp["slot_hidden"], table, samples.slot_exclude.to(self.device),
+                                      hp.item_temperature)
+            loss, stats = self.item_loss(logprobs, samples.slot_items, exp, slots)
+            optimizer.zero_grad()
+            loss.backward()
+            if self.trainer.world_size > 1:  # DDP does not see this backward pass: average the gradients here
+                for param in head.parameters():
+                    if param.grad is not None:
+                        torch.distributed.all_reduce(param.grad)
+                        param.grad /= self.trainer.world_size
+            optimizer.step()  # only the item scores have gradients: nothing else moves
+            optimizer.zero_grad()
+            first = first or {key: float(value) for key, value in stats.items()}
+        return first
 
     def micro_step(self, samples: Samples, exp: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch (with grad)."""
@@ -543,20 +606,16 @@ class PPOModule(PolicyModule):
         pick = {key: value[rows][:, :width] for key, value in exp.items()
                 if value.dim() == 2 and not key.startswith("slot_")}
         mask = pick["mask"]
-        logprobs, _, values, item_logprobs = self.forward(part, values=self.uses_critic)
+        logprobs, _, values, item_logprobs, _ = self.forward(part, values=self.uses_critic)
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick["logprobs"], pick["advantages"], mask,
                                                            hp.clip_range)
         out = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
         loss = policy_loss
         if "slot_advantages" in exp and len(part.slots):  # the item choice, from its group of alternatives
-            slots = samples.slots_of(rows).to(self.device)
-            new = item_logprobs.gather(1, part.slot_items.to(self.device))
-            item_loss, item_clipfrac, _ = ppo_policy_loss(new, exp["slot_logprobs"][slots],
-                                                          exp["slot_advantages"][slots], torch.ones_like(new),
-                                                          hp.clip_range)
-            item_kl = item_kl_divergence(item_logprobs, exp["slot_ref_logprobs"][slots])
-            loss = loss + item_loss + self.kl_controller.value * item_kl
-            out.update(item_loss=item_loss.detach(), item_clipfrac=item_clipfrac, item_kl=item_kl.detach())
+            item_loss, stats = self.item_loss(item_logprobs, part.slot_items, exp,
+                                              samples.slots_of(rows).to(self.device))
+            loss = loss + item_loss
+            out.update(stats)
         if self.uses_critic:
             value_loss = ppo_value_loss(values, pick["values"], pick["returns"], mask, hp.value_clip)
             loss = loss + hp.vf_coef * value_loss

@@ -335,8 +335,9 @@ class RewardModule(LightningModule):
             raise ValueError("score needs a batch with context and reply, or contexts= and replies=")
         replies = self.reply_texts(replies, items)
         contexts = [c if isinstance(c, str) else render_context(c, self.hparams.context_turns) for c in contexts]
-        # similar lengths together: less padding; scores are put back in the input's order
-        order = sorted(range(len(replies)), key=lambda i: len(contexts[i]) + len(replies[i]))
+        # one context's replies together (a siamese R_phi encodes it once per chunk), similar lengths together (less
+        # padding); scores are put back in the input's order
+        order = sorted(range(len(replies)), key=lambda i: (len(contexts[i]), contexts[i], len(replies[i])))
         was_training = self.training
         self.eval()
         size = self.hparams.score_batch_size

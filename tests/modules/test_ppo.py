@@ -316,9 +316,10 @@ def _recommender_run(tiny_recommender, iterations, **options):
     seed_everything(0)
     data = Synthetic(task="prompts", tokenizer=tiny_recommender, n_dialogues=40, n_items=12, batch_size=2,
                      max_length=96)
+    options = {"ppo_epochs": 2, **options}
     module = PPOModule(model=tiny_recommender, simulator="PersonaSimulator", max_turns=1, max_new_tokens=4,
-                       minibatch_size=8, micro_batch_size=8, ppo_epochs=2, lr=1e-4, item_lr=0.3, kl_coef=0.0, lora=True,
-                       lora_r=4, advantage_estimator="grpo", group_size=4, kl_estimator="k3", **options)
+                       minibatch_size=8, micro_batch_size=8, lr=1e-4, item_lr=0.3, kl_coef=0.0, lora=True, lora_r=4,
+                       advantage_estimator="grpo", group_size=4, kl_estimator="k3", **options)
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=iterations, limit_val_batches=0,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
@@ -351,14 +352,17 @@ def test_rollouts_draw_items_at_the_item_temperature(tiny_recommender):
     assert (items == best).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("alternatives", [0, 8], ids=["episode-return", "item-groups"])
-def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender, alternatives):
+@pytest.mark.parametrize("options", [{}, {"item_alternatives": 8},
+                                     {"item_alternatives": 8, "item_ppo_epochs": 2, "ppo_epochs": 0}],
+                         ids=["episode-return", "item-groups", "item-groups-only"])
+def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender, options):
     """A seeded tiny GRPO run whose reward is earned only by recommending one item: afterwards the policy's item scores
     draw that item far more often than before, and the reward of its last iterations is well above its first; the
-    same when the item choice learns from groups of alternatives shown to the same user."""
+    same when the item choice learns from groups of alternatives shown to the same user, and when only the item
+    scores train, on the rollouts' cached slot states (the language model's weights do not move)."""
     target = "syn5"
-    module, data, trainer = _recommender_run(tiny_recommender, 10, signals=[_NamesItemSignal(target)],
-                                             item_alternatives=alternatives)
+    module, data, trainer = _recommender_run(tiny_recommender, 10, signals=[_NamesItemSignal(target)], **options)
+    lora = {name: p.detach().clone() for name, p in module.policy.named_parameters() if p.requires_grad}
     row = data.corpus("train").catalogue["item_id"].index(target)
 
     def target_probability() -> float:
@@ -386,3 +390,5 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender,
     after = target_probability()
     assert after > 3 * before and after > 0.3, (before, after)
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    moved = [name for name, p in module.policy.named_parameters() if p.requires_grad and not torch.equal(p, lora[name])]
+    assert (not moved) == (options.get("ppo_epochs") == 0), moved
