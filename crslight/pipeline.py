@@ -206,11 +206,37 @@ def differences_table(differences: dict[str, dict[str, tuple[float, float, float
     return "\n".join(lines)
 
 
+def training_kl(metrics_csv: Path) -> dict[str, float]:
+    """The PPO run's KL to the SFT policy per reply, from its ``metrics.csv``: ``kl`` (the words, nats per reply) and
+    ``item_kl`` (the item distribution at each recommendation, with item groups) of the last iteration, and the largest
+    ``kl`` of any iteration. Empty when the file or the columns are missing."""
+    import csv
+
+    if not metrics_csv.is_file():
+        return {}
+    with metrics_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, float] = {}
+    for key in ("kl", "item_kl"):
+        values = [float(row[f"train/{key}"]) for row in rows if row.get(f"train/{key}")]
+        if values:
+            out[key] = values[-1]
+            out[f"max_{key}"] = max(values)
+    return out
+
+
 def report_tables(report: dict) -> str:
-    """The comparison table of a pipeline report, then its paired differences from SFT (when there are any)."""
+    """The comparison table of a pipeline report, then its paired differences from SFT (when there are any), then
+    PPO's KL to the SFT policy."""
     table = comparison_table(report["results"], intervals=report.get("intervals"))
     if report.get("differences_vs_sft"):
         table += "\n\n" + differences_table(report["differences_vs_sft"])
+    kl = report.get("ppo_kl") or {}
+    if "kl" in kl:
+        table += (f"\n\nPPO's KL to the SFT policy per reply (training, last iteration): {kl['kl']:.3f} nats over the "
+                  f"words (largest {kl['max_kl']:.3f})")
+        if "item_kl" in kl:
+            table += f", {kl['item_kl']:.3f} over the item distribution at a recommendation (largest {kl['max_item_kl']:.3f})"
     return table
 
 
@@ -271,7 +297,8 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
     seconds["total"] = round(sum(seconds.values()), 1)
     report = {"dataset": dataset, "results": {name: run.metrics for name, run in runs.items()},
               "intervals": intervals, "differences_vs_sft": differences, "episodes": len(runs["sft"].records),
-              "seconds": seconds, "checkpoints": {k: str(v) for k, v in ckpt.items()}}
+              "seconds": seconds, "checkpoints": {k: str(v) for k, v in ckpt.items()},
+              "ppo_kl": training_kl(ckpt["ppo"].parent.parent / "metrics.csv")}
     (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "comparison.md").write_text(report_tables(report) + "\n")
     return report

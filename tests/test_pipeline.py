@@ -51,7 +51,7 @@ def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_p
     printed = capsys.readouterr().out
     tables = (out / "comparison.md").read_text().strip()
     assert tables in printed
-    table, deltas = tables.split("\n\n")
+    table, deltas, kl = tables.split("\n\n")
     header, rule, *rows = table.splitlines()
     assert header == "| metric | base | sft | rlhf | popularity | oracle |"
     cells = {row.split(" | ")[0].strip("| "): row.strip("| ").split(" | ")[1:] for row in rows}
@@ -83,6 +83,13 @@ def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_p
         gap = report["results"][policy]["satisfaction"] - report["results"]["sft"]["satisfaction"]
         assert differences["satisfaction"][0] == pytest.approx(gap, abs=1e-5)
     assert deltas.splitlines()[0] == "| Δ vs SFT | base | rlhf | popularity | oracle |"
+    # PPO's KL to the SFT policy, as its training logged it
+    import csv
+
+    with (out / "ppo" / "version_0" / "metrics.csv").open() as f:
+        logged = [float(row["train/kl"]) for row in csv.DictReader(f) if row.get("train/kl")]
+    assert report["ppo_kl"]["kl"] == pytest.approx(logged[-1]) and report["ppo_kl"]["max_kl"] == max(logged)
+    assert kl.startswith(f"PPO's KL to the SFT policy per reply (training, last iteration): {logged[-1]:.3f} nats")
     # RLHF starts from the SFT checkpoint and the trained R_phi of this same run
     assert all(Path(p).is_file() for p in report["checkpoints"].values())
     ppo_config = yaml.safe_load((out / "ppo" / "version_0" / "config.yaml").read_text())

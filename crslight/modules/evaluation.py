@@ -184,7 +184,7 @@ def load_episode_records(path: str | Path) -> list[dict]:
 
 
 def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, root: str | None = None,
-                 rank: int = 0, world_size: int = 1, batch_size: int = 64) -> list:
+                 rank: int = 0, world_size: int = 1, batch_size: int = 256) -> list:
     """Runs this rank's share of ``episodes`` simulator episodes (episode ``i`` on rank ``i % world_size``)."""
     from crslight.simulator.cli import default_simulator, linker_for
     from crslight.simulator.env import ConversationEnv

@@ -19,7 +19,12 @@ scores (the same scores ``crslight test`` ranks the catalogue with) draw the ite
 reply. The slot token's log-probability in the ratio, the KL and the entropy is ``log pi(slot) + log pi(item | slot)``
 (items already mentioned excluded, as when drawing), so the advantage, the clipping and the KL reach the item scores
 as well as the words; the title's tokens are not actions. The item scores train at their own rate (``item_lr``), and
-the reference keeps the starting policy's item scores.
+the reference keeps the starting policy's item scores. With **item groups** (``item_alternatives: K``) the engine
+draws K more items at each slot and the environment shows each to a copy of the same user in the same state
+(:meth:`~crslight.simulator.ConversationEnv.item_groups`); the item choice then has its own clipped surrogate over
+that group, each item's advantage its immediate score standardised within the group, and the exact KL of the item
+distribution to the reference's, while the slot token's action is the token alone. A group costs K simulator
+reactions, not K decoded episodes.
 
 **Turns.** Each reply is its own sample (the exact token ids the policy saw and sampled); the episode links them by the
 turn-level return ``G_k = s_k + turn_discount * G_{k+1}``, which is the terminal reward of reply ``k``. The value head
