@@ -111,6 +111,10 @@ def run_tool(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the crslight command itself (not a call from Python): reuse freed memory, docs/benchmarks.md
+        from crslight.models.memory import keep_heap
+
+        keep_heap()
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
         from crslight.ablation import main as ablate_main

@@ -14,6 +14,14 @@ resident memory) until the top of the heap is free, which it rarely is in traini
 up to 1.4 GiB of SmolLM2's activations sat freed but resident, and the next large allocations were new memory on top.
 :func:`release_heap` (glibc's ``malloc_trim``) hands free pages back; PPO calls it where a phase has just freed a lot
 and another is about to allocate (docs/benchmarks.md has the traces).
+
+**Keeping the heap** is the opposite trade, and the ``crslight`` command's default (:func:`keep_heap`; the environment
+variable ``CRSLIGHT_HEAP=release`` restores glibc's defaults and the releases above). By default glibc serves every
+block above 128 KiB-32 MiB with its own ``mmap`` and hands it back on ``free``, so each forward pass maps its
+activations afresh and the kernel zero-fills every page on first touch. On the 2-core VM this project runs on, a
+SmolLM2 forward and backward pass of 4 x 200 tokens under bf16 autocast took 3.8-10 s with 270-610 thousand page faults
+(2-12 s of them in the kernel) and 1.8-1.9 s with none once the heap kept its pages (``benchmarks/heap.py``,
+docs/benchmarks.md). The price is resident memory: freed activations stay in the process for the next step.
 """
 
 from __future__ import annotations
@@ -78,19 +86,40 @@ def lean_mlps(model: nn.Module) -> int:
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or ``None`` where the C library is not glibc."""
+def _libc():
+    """glibc, or ``None`` where the C library is not glibc (macOS, musl)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
         return None
+
+
+HEAP_ENV = "CRSLIGHT_HEAP"
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc's mallopt parameters (malloc.h)
+_heap_kept = False
+
+
+def keep_heap() -> bool:
+    """Makes glibc keep freed memory for reuse (module docstring): no ``mmap`` per large block, no trimming of the
+    heap's top, 64 MiB of padding when it grows; :func:`release_heap` then does nothing. Returns whether it did
+    (``False`` without glibc, or with ``CRSLIGHT_HEAP=release``)."""
+    global _heap_kept
+    import os
+
+    libc = _libc()
+    if libc is None or os.environ.get(HEAP_ENV, "keep") == "release":
+        return False
+    _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+                      and libc.mallopt(_M_TOP_PAD, 64 << 20))
+    return _heap_kept
 
 
 def release_heap() -> bool:
     """Returns the heap's free pages to the operating system (glibc's ``malloc_trim(0)``); ``False`` where the C
-    library has no such call (macOS, musl), which is then a no-op."""
-    trim = _malloc_trim()
-    if trim is None:
+    library has no such call (macOS, musl), or where :func:`keep_heap` keeps them, which is then a no-op."""
+    libc = _libc()
+    if libc is None or _heap_kept:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True

@@ -215,17 +215,21 @@ def _single_turn_batch(contexts: list[list[dict]], replies: list[Reply], names: 
                        rating=[math.nan] * b, accepted=[math.nan] * b, continues=[False] * b)
 
 
-def score(module, batch: SignalBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Each reply's score: R_phi plus the weighted direct signals (NaN counted as 0), and their means for logs."""
-    if module.reward_model is None and not module.signals:
-        raise ValueError("PPOModule has no reward: set reward_model (a RewardModule checkpoint) and/or signals")
+def score(module, batch: SignalBatch, judge: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each reply's score: ``reward_weight`` times R_phi plus the weighted direct signals (NaN counted as 0), and their
+    means for logs. With ``reward_weight`` 0, R_phi only judges (its mean is logged as ``reward``), and not at all
+    unless ``judge`` (item alternatives, whose R_phi score would change nothing)."""
+    weight = module.hparams.reward_weight
+    if (module.reward_model is None or not weight) and not module.signals:
+        raise ValueError("PPOModule has no reward: set reward_model (a RewardModule checkpoint) with a reward_weight "
+                         "other than 0, and/or signals")
     start = time.perf_counter()
     scores = torch.zeros(len(batch))
     metrics: dict[str, float] = {}
-    if module.reward_model is not None:
+    if module.reward_model is not None and (weight or judge):
         with torch.no_grad():
             reward = module.reward_model.score(batch).float().cpu()
-        scores += reward
+        scores += weight * reward
         metrics["reward"] = float(reward.mean())
     for signal, weight in zip(module.signals, module.signal_weights, strict=True):
         values = signal(batch)
@@ -278,7 +282,8 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
                 groups.extend(episodes[k].transitions[step].alternatives)  # per slot, in the samples' order
         signal_batch = to_signal_batch([t for e in episodes for t in e.transitions])
         if groups:
-            group_scores, group_metrics = score(module, to_signal_batch([t for group in groups for t in group]))
+            group_scores, group_metrics = score(module, to_signal_batch([t for group in groups for t in group]),
+                                                judge=False)
             metrics["seconds_scoring_alternatives"] = group_metrics["seconds_scoring"]
             slot_scores = group_scores.reshape(len(groups), -1)
             metrics["item_group_accept"] = sum(t.reaction.accepted for g in groups for t in g) / slot_scores.numel()

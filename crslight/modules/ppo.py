@@ -6,11 +6,13 @@ reply and may accept a suggestion or leave; without a simulator, one reply to ea
 reply, compute the per-token KL to the reference policy, turn that into advantages, and take ``ppo_epochs`` passes
 of clipped minibatch updates over the batch. Then adapt beta, the KL weight.
 
-**The reward** of reply ``k`` of an episode is ``s_k = R_phi(context_k, reply_k) + sum_j w_j * signal_j`` — the reward
-model, plus optional direct signals of the user's reaction (``AcceptanceSignal``, ``DwellTimeSignal``, ...: what the
-simulator reports, NaN counted as 0). R_phi is the point of the project: it was trained on weak labels from real
-users' implicit feedback, so it carries that feedback to replies no user has seen. Direct signals are an option
-because in simulation they are free and exact; with none (the default) PPO only ever sees R_phi. Scores may be
+**The reward** of reply ``k`` of an episode is ``s_k = w_R * R_phi(context_k, reply_k) + sum_j w_j * signal_j`` — the
+reward model, plus optional direct signals of the user's reaction (``AcceptanceSignal``, ``DwellTimeSignal``, ...: what
+the simulator reports, NaN counted as 0). R_phi was trained on weak labels from users' implicit feedback, so it carries
+that feedback to replies no user has seen; the direct signals are the same kind of implicit feedback, read from the
+simulated user's reaction itself, free and exact in simulation. With no signals (the default) PPO only ever sees
+R_phi; with ``reward_weight`` (w_R) 0, only the signals, and R_phi judges. Which serves best is measured per scenario
+(docs/results.md: on the synthetic one, the user's acceptance alone moves acceptance most). Scores may be
 normalised by running statistics and clipped (``reward_normalization``, ``reward_clip``): R_phi's scale is arbitrary
 and one outlier reply should not dominate a batch.
 
@@ -170,6 +172,8 @@ class PPOModule(PolicyModule):
         model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
         init_from: The SFT policy to start from (and the KL reference): an ``SFTModule`` checkpoint or a folder.
         reward_model: A ``RewardModule`` checkpoint (R_phi). ``None``: the reward is the direct signals alone.
+        reward_weight: R_phi's weight in the score; 0 keeps R_phi as a judge only (``train/reward`` is logged, the
+            score is the signals').
         reward_device: Device for R_phi (``cpu``, ``cuda:1``); ``None`` puts it with the policy.
         signals: Direct reward signals by class name (``AcceptanceSignal`` ...), read from the simulated reactions.
         signal_weights: One weight per signal (1.0 each when ``None``).
@@ -240,6 +244,7 @@ class PPOModule(PolicyModule):
         model: str = "smollm2",
         init_from: str | None = None,
         reward_model: str | None = None,
+        reward_weight: float = 1.0,
         reward_device: str | None = None,
         signals: list[SignalExtractor] | None = None,
         signal_weights: list[float] | None = None,

@@ -100,3 +100,32 @@ def test_release_heap_returns_freed_blocks():
     assert release_heap()
     assert before - rss_mib() > 100  # about 200 MiB of holes handed back
     assert all(float(b[0]) == 1.0 for b in blocks)  # the live blocks are untouched
+
+
+@pytest.mark.skipif(not release_heap(), reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.parametrize("mode", ["keep", "release"])
+def test_crslight_command_keeps_the_heap_unless_told_to_release_it(mode):
+    """The crslight command keeps freed memory in the heap: a 64 MiB tensor is not an mmapped block of its own (which
+    ``free`` would unmap, and the next one would fault in afresh), and the heap is not trimmed;
+    ``CRSLIGHT_HEAP=release`` keeps glibc's defaults. In a fresh process each."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys, torch\n"
+        "from crslight.models import memory\n"
+        "sys.argv = ['crslight', '--help']\n"
+        "from crslight.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks '\n"
+        "                                              'fordblks keepcost').split()]\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n"
+        "big = torch.ones(2**24)\n"
+        "print('RESULT', memory._heap_kept, memory.release_heap(), libc.mallinfo2().hblkhd >= 2**26)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CRSLIGHT_HEAP": mode}, check=True,
+                         capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    assert line.split()[1:] == (["True", "False", "False"] if mode == "keep" else ["False", "True", "True"])
