@@ -231,10 +231,10 @@ def score(module, batch: SignalBatch, judge: bool = True) -> tuple[torch.Tensor,
             reward = module.reward_model.score(batch).float().cpu()
         scores += weight * reward
         metrics["reward"] = float(reward.mean())
-    for signal, weight in zip(module.signals, module.signal_weights, strict=True):
+    for signal, signal_weight in zip(module.signals, module.signal_weights, strict=True):
         values = signal(batch)
         metrics[f"signal/{signal.name}"] = float(values.nan_to_num(0.0).mean())
-        scores += weight * values.nan_to_num(0.0)
+        scores += signal_weight * values.nan_to_num(0.0)
     metrics["score"] = float(scores.mean())
     metrics.setdefault("reward", metrics["score"])
     metrics["seconds_scoring"] = time.perf_counter() - start
@@ -272,7 +272,7 @@ def collect_episodes(module, batch: PromptBatch, stage: str, first_episode: int)
     else:
         indices = [first_episode + i for i in range(len(batch.input_ids)) for _ in range(repeat)]
         episodes = env.rollout(policy, indices, batch_size=len(indices))
-        prompts, replies, episode, turn, groups = [], [], [], [], []
+        prompts, replies, episode, turn = [], [], [], []
         for k, steps in enumerate(policy.match(episodes)):
             for step, (prompt, generation, _) in enumerate(steps):
                 prompts.append(prompt)

@@ -414,8 +414,7 @@ class PPOModule(PolicyModule):
             if head is not None and next(head.parameters()).device != self.device:
                 head.to(self.device)
             hidden = out.hidden_states[-1][slots[:, 0], slots[:, 1]]
-            item_logprobs = head.log_probs(hidden, model.get_output_embeddings().weight,
-                                           samples.slot_exclude.to(self.device), hp.item_temperature)
+            item_logprobs = self._item_logprobs(head, hidden, samples, model.get_output_embeddings().weight)
             if not samples.slot_alternatives.shape[1]:
                 drawn = item_logprobs.gather(1, slots[:, 2:3]).squeeze(1)
                 logprobs = logprobs.index_put((slots[:, 0], slots[:, 1] - samples.start), drawn, accumulate=True)
@@ -430,11 +429,10 @@ class PPOModule(PolicyModule):
                 value = self.value_head(states[:, samples.start - 1 : -1].float())
         return PolicyOutput(logprobs, entropy, value, item_logprobs, hidden)
 
-    def _reference_item_logprobs(self, hidden: torch.Tensor, samples: Samples) -> torch.Tensor:
-        """The reference's item distribution at slot states ``hidden`` of ``samples``."""
-        head = self._reference_head.module.to(self.device)
-        return head.log_probs(hidden, self.policy.get_output_embeddings().weight, samples.slot_exclude.to(self.device),
-                              self.hparams.item_temperature)
+    def _item_logprobs(self, head, hidden: torch.Tensor, samples: Samples, table: torch.Tensor) -> torch.Tensor:
+        """``head``'s item distribution ``(s, n_items)`` at the slot states ``hidden`` of ``samples`` (their exclusions,
+        ``item_temperature``), over the title table ``table`` (output embeddings)."""
+        return head.log_probs(hidden, table, samples.slot_exclude.to(self.device), self.hparams.item_temperature)
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = self.hparams.micro_batch_size
@@ -456,8 +454,9 @@ class PPOModule(PolicyModule):
             if self.hparams.ppo_epochs:
                 ref = self.forward(part, reference=True)
             else:  # the language model never trains: the reference differs in its item scores alone
-                ref = own._replace(item_logprobs=None if own.slot_hidden is None else self._reference_item_logprobs(
-                    own.slot_hidden, part))
+                ref = own._replace(item_logprobs=None if own.slot_hidden is None else self._item_logprobs(
+                    self._reference_head.module.to(self.device), own.slot_hidden, part,
+                    self.policy.get_output_embeddings().weight))
             entries = {"logprobs": own.logprobs, "entropy": own.entropy, "ref_logprobs": ref.logprobs}
             if own.values is not None:
                 entries["values"] = own.values.float()
@@ -593,8 +592,7 @@ class PPOModule(PolicyModule):
         slots = torch.arange(len(samples.slots), device=self.device)
         first: dict[str, float] = {}
         for _ in range(hp.item_ppo_epochs):
-            logprobs = head.log_probs(exp["slot_hidden"], table, samples.slot_exclude.to(self.device),
-                                      hp.item_temperature)
+            logprobs = self._item_logprobs(head, exp["slot_hidden"], samples, table)
             loss, stats = self.item_loss(logprobs, samples.slot_items, exp, slots)
             optimizer.zero_grad()
             loss.backward()
