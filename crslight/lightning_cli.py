@@ -85,6 +85,24 @@ def constructor_error(error: BaseException) -> tuple[str, BaseException] | None:
     return (owner, error) if owner is not None else None
 
 
+def cpu_precision(precision, accelerator) -> object:
+    """``precision`` for this machine: bf16 autocast (``bf16-mixed``, ``bf16-true``) on a CPU without native bf16
+    instructions (AVX512-BF16 or AMX) becomes ``32-true``, with a message, because such CPUs emulate bf16 matrix
+    products several times slower than float32 ones (``python benchmarks/decoding.py`` prints the ratio);
+    ``CRSLIGHT_CPU_BF16=keep`` keeps it. Any other precision, or a run on a GPU, is unchanged."""
+    import os
+
+    from crslight.metrics.encoder import native_bf16
+
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if (str(precision).startswith("bf16") and on_cpu and not native_bf16("cpu")
+            and os.environ.get("CRSLIGHT_CPU_BF16") != "keep"):
+        print(f"crslight: trainer.precision {precision} -> 32-true: this CPU has no native bf16 instructions, so "
+              "float32 is several times faster (CRSLIGHT_CPU_BF16=keep keeps bf16)", file=sys.stderr)
+        return "32-true"
+    return precision
+
+
 class CRSLightningCLI(LightningCLI):
     """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` and ``test_episodes.jsonl``
     written after ``test``)."""
@@ -113,8 +131,11 @@ class CRSLightningCLI(LightningCLI):
                 self.config[subcommand]["model.init_args"][key] = value
 
     def before_instantiate_classes(self) -> None:
-        # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
         config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and config.get("trainer") is not None:
+            trainer = config["trainer"]
+            trainer["precision"] = cpu_precision(trainer.get("precision"), trainer.get("accelerator"))
+        # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).is_dir():
             from crslight.modules.policy import find_checkpoint

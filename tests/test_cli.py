@@ -32,3 +32,23 @@ def test_a_constructor_rejecting_an_option_ends_with_its_message(monkeypatch, ca
     message = str(exit_info.value)
     assert message.startswith("error: PPOModule: optimizer_in_backward ")
     assert "gradient_clip_val to null (got 1.0)" in message and "Traceback" not in message
+
+
+def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch, capsys):
+    import torch
+
+    import crslight.metrics.encoder as encoder
+    from crslight.lightning_cli import cpu_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CRSLIGHT_CPU_BF16", raising=False)
+    monkeypatch.setattr(encoder, "native_bf16", lambda device="cpu": False)
+    assert cpu_precision("bf16-mixed", "auto") == "32-true"
+    assert "no native bf16" in capsys.readouterr().err
+    assert cpu_precision("bf16-mixed", "gpu") == "bf16-mixed"  # not on the CPU: unchanged
+    assert cpu_precision("16-mixed", "cpu") == "16-mixed"
+    monkeypatch.setenv("CRSLIGHT_CPU_BF16", "keep")
+    assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.delenv("CRSLIGHT_CPU_BF16")
+    monkeypatch.setattr(encoder, "native_bf16", lambda device="cpu": True)
+    assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"
