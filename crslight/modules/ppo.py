@@ -201,6 +201,10 @@ class PPOModule(PolicyModule):
             alternatives and ``item_ppo_epochs``, only the item choice is optimised).
         minibatch_size: Replies per optimizer step.
         micro_batch_size: Replies per forward/backward (gradient accumulation over ``minibatch_size``).
+        group_by_length: Minibatches of replies of similar length (prompt and reply; ties in random order, the
+            minibatches in random order), as ``transformers``' ``group_by_length``, and micro-batches sorted by length
+            in every forward pass: a micro-batch is cut to its longest row, so a second-turn prompt no longer pads
+            seven first-turn ones to its length (about half the tokens of a synthetic PPO step).
         clip_range: Epsilon of the policy ratio clip.
         value_clip: Largest move of a value from its rollout estimate that still lowers the value loss.
         vf_coef: Weight of the value loss.
@@ -262,6 +266,7 @@ class PPOModule(PolicyModule):
         ppo_epochs: int = 2,
         minibatch_size: int = 8,
         micro_batch_size: int = 8,
+        group_by_length: bool = True,
         clip_range: float = 0.2,
         value_clip: float = 0.2,
         vf_coef: float = 0.1,
@@ -434,9 +439,27 @@ class PPOModule(PolicyModule):
         ``item_temperature``), over the title table ``table`` (output embeddings)."""
         return head.log_probs(hidden, table, samples.slot_exclude.to(self.device), self.hparams.item_temperature)
 
-    def _micro_batches(self, n: int) -> list[list[int]]:
+    def _micro_batches(self, samples: Samples, rows: list[int] | None = None) -> list[list[int]]:
+        """``rows`` of ``samples`` (default: all) in micro-batches of ``micro_batch_size``; with ``group_by_length``
+        sorted by real length first (stable), so each micro-batch's padding is cut by :meth:`Samples.select`."""
+        rows = list(range(samples.input_ids.shape[0])) if rows is None else list(rows)
+        if self.hparams.group_by_length:
+            lengths = samples.attention_mask.sum(1).tolist()
+            rows.sort(key=lambda row: lengths[row])
         size = self.hparams.micro_batch_size
-        return [list(range(lo, min(n, lo + size))) for lo in range(0, n, size)]
+        return [rows[lo : lo + size] for lo in range(0, len(rows), size)]
+
+    def _minibatches(self, samples: Samples) -> list[list[int]]:
+        """One epoch's minibatches of ``minibatch_size`` rows: a random order, or with ``group_by_length`` rows of
+        similar length together (ties broken at random) in minibatches taken in random order."""
+        n, size = samples.input_ids.shape[0], self.hparams.minibatch_size
+        order = torch.randperm(n).tolist()
+        if self.hparams.group_by_length:
+            lengths = samples.attention_mask.sum(1).tolist()
+            order.sort(key=lambda row: lengths[row])
+            chunks = [order[lo : lo + size] for lo in range(0, n, size)]
+            return [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
+        return [order[lo : lo + size] for lo in range(0, n, size)]
 
     @torch.no_grad()
     def score_samples(self, samples: Samples) -> dict[str, torch.Tensor]:
@@ -447,7 +470,8 @@ class PPOModule(PolicyModule):
         width = samples.input_ids.shape[1] - samples.start
         out = defaultdict(list)
         groups = samples.slot_alternatives.shape[1] > 0
-        for rows in self._micro_batches(samples.input_ids.shape[0]):
+        batches = self._micro_batches(samples)
+        for rows in batches:
             part = samples.select(rows)
             pad = width - (part.input_ids.shape[1] - part.start)
             own = self.forward(part, values=self.uses_critic, entropy=True)
@@ -466,11 +490,11 @@ class PPOModule(PolicyModule):
                 out["slot_logprobs"].append(own.item_logprobs.gather(1, part.slot_items.to(self.device)))
                 out["slot_ref_logprobs"].append(ref.item_logprobs)
                 out["slot_hidden"].append(own.slot_hidden.float())
-        order = torch.cat([samples.slots_of(rows) for rows in self._micro_batches(samples.input_ids.shape[0])])
+        rows = torch.tensor([row for part in batches for row in part]).argsort()
+        slots = torch.cat([samples.slots_of(part) for part in batches]).argsort()
         result = {key: torch.cat(value) for key, value in out.items()}
-        for key in ("slot_logprobs", "slot_ref_logprobs", "slot_hidden"):  # back to the samples' slot order
-            if key in result:
-                result[key] = result[key][order.argsort().to(result[key].device)]
+        for key, value in result.items():  # back to the samples' row order, and slot order
+            result[key] = value[(slots if key.startswith("slot_") else rows).to(value.device)]
         return result
 
     # -- rollouts ---------------------------------------------------------------------------------------------------
@@ -543,7 +567,6 @@ class PPOModule(PolicyModule):
         hp = self.hparams
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
-        n = samples.input_ids.shape[0]
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         if hp.item_ppo_epochs and "slot_advantages" in exp:
@@ -551,11 +574,8 @@ class PPOModule(PolicyModule):
                 sums[key] += value
                 counts[key] += 1
         for _ in range(hp.ppo_epochs):
-            order = torch.randperm(n).tolist()
-            for lo in range(0, n, hp.minibatch_size):
-                minibatch = order[lo : lo + hp.minibatch_size]
-                for m in range(0, len(minibatch), hp.micro_batch_size):
-                    rows = minibatch[m : m + hp.micro_batch_size]
+            for minibatch in self._minibatches(samples):
+                for rows in self._micro_batches(samples, minibatch):
                     if self.device.type == "cpu":
                         release_heap()
                     losses = self.micro_step(samples, exp, rows)

@@ -240,6 +240,30 @@ def test_heap_released_before_each_update_micro_batch_and_embedding_backward(tin
     assert calls == [True, False] * 4
 
 
+def test_length_grouped_micro_batches_give_the_same_experience(tiny_policy, tiny_tokenizer):
+    """Sorting rows by length into micro-batches (and cutting their padding) changes no row's log-probabilities, and
+    an epoch's minibatches cover every row once, each of rows of similar length."""
+    torch.manual_seed(0)
+    lengths = [3, 30, 5, 28, 4, 31]  # short and long prompts alternate, as first and second turns do
+    prompts = [torch.randint(10, 200, (n,)).tolist() for n in lengths]
+    replies = [[100 + i, 2] for i in range(len(prompts))]
+    samples = pack(prompts, replies, tiny_tokenizer.pad_token_id)
+    grouped = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=3, minibatch_size=3)
+    grouped.configure_model()
+    plain = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=1, minibatch_size=3,
+                      group_by_length=False)
+    plain.configure_model()
+    plain.load_state_dict(grouped.state_dict())
+    assert [len(grouped._micro_batches(samples)[0])] == [3] and sorted(grouped._micro_batches(samples)[0]) == [0, 2, 4]
+    got, want = grouped.score_samples(samples), plain.score_samples(samples)
+    mask = samples.response_mask[:, samples.start :].bool()
+    for key in ("logprobs", "ref_logprobs", "entropy", "values"):
+        torch.testing.assert_close(got[key][mask], want[key][mask], rtol=1e-4, atol=1e-4)
+    minibatches = grouped._minibatches(samples)
+    assert sorted(row for batch in minibatches for row in batch) == list(range(6))
+    assert sorted(sorted(batch) for batch in minibatches) == [[0, 2, 4], [1, 3, 5]]
+
+
 def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommender, tiny_tokenizer):
     """The item a reply names is the one the policy's item scores drew, and its log-probability is in the action's."""
     from crslight.data.synthetic import generate
