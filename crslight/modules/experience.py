@@ -18,9 +18,7 @@ from crslight.models.engine import Reply
 from crslight.modules.rollout import EnginePolicy, Samples, pack
 from crslight.rl import gae, group_normalized_advantages, kl_penalty, masked_whiten, per_token_rewards
 from crslight.signals.base import SignalBatch
-from crslight.simulator.base import simulator_class
-from crslight.simulator.cli import default_simulator, linker_for
-from crslight.simulator.env import ConversationEnv, to_signal_batch
+from crslight.simulator.env import ConversationEnv, build_environment, to_signal_batch
 
 
 @dataclass
@@ -197,13 +195,9 @@ class EpisodeSources:
         if self.simulator is None:
             return None
         if stage not in self._envs:
-            corpus = self.corpus(stage)
-            if self.simulator == "auto":
-                simulator = default_simulator(corpus, getattr(self.datamodule, "root", None))
-            else:
-                simulator = simulator_class(self.simulator)(corpus.catalogue, **self.simulator_args)
-            self._envs[stage] = ConversationEnv.from_corpus(corpus, simulator, linker=linker_for(corpus),
-                                                            max_turns=self.max_turns, seed=self.seed)
+            self._envs[stage] = build_environment(self.corpus(stage), self.simulator, self.simulator_args,
+                                                  root=getattr(self.datamodule, "root", None),
+                                                  max_turns=self.max_turns, seed=self.seed)
         return self._envs[stage]
 
 
