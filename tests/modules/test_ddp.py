@@ -27,12 +27,12 @@ trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, li
                   limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 episodes = []
-collect = module.collect
-def recording_collect(batch, *args):
-    out = collect(batch, *args)
+score = module.score
+def recording_score(rollout):
+    out = score(rollout)
     episodes.append(out.scores.tolist() + out.samples.input_ids.sum(1).tolist())
     return out
-module.collect = recording_collect
+module.score = recording_score
 trainer.fit(module, data)
 state = {name: p.detach().clone() for name, p in module.named_parameters()}
 
