@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from crslight.models.engine import Generation, Reply
 from crslight.modules.rollout import EnginePolicy, Samples, pack
@@ -365,6 +366,18 @@ def _rollout(prompts: list[list[int]], replies: list[Generation], episode: list[
     metrics["eos_rate"] = float(ended.float().mean())
     return Rollout(pack(prompts, replies, pad_token_id), batch, torch.tensor(episode), torch.tensor(turn), ended,
                    metrics, alternatives, groups)
+
+
+def episode_indices(step: int, size: int, world_size: int = 1, rank: int = 0) -> list[int]:
+    """This rank's environment episodes at step ``step``, ``size`` of them: the step's ``size * world_size`` episodes
+    follow those of every earlier step, and a ``DistributedSampler`` deals them out to the ranks (rank ``r`` takes
+    every ``world_size``-th, from ``r``), so no episode (no simulated user) is met twice across ranks and steps.
+
+    Example: ``size`` 3 on 2 ranks, step 1: rank 0 runs episodes ``[6, 8, 10]``, rank 1 ``[7, 9, 11]``; in one
+    process step ``n`` runs ``n * size + i``.
+    """
+    sampler = DistributedSampler(range(size * world_size), num_replicas=world_size, rank=rank, shuffle=False)
+    return [step * size * world_size + i for i in sampler]
 
 
 def collect_replies(policy: EnginePolicy, contexts: list[list[dict]], names: dict[str, str], pad_token_id: int,

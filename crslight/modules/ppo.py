@@ -63,10 +63,14 @@ typed records (``Rollout`` → ``Episodes`` → ``Experience``); this module wir
 environments are built once in ``setup`` (:func:`~crslight.simulator.env.build_environment`, the same factory as
 ``crslight simulate`` and ``crslight test``).
 
-**DDP.** Every rank makes its own rollouts (episode ``i`` of step ``n`` on rank ``r`` has the index
-``(n * world + r) * b + i``, so ranks never repeat a user); ranks decode independently (the engine runs no
-collective operation); gradients are averaged by DDP at every backward; statistics that steer training
-(KL, reward moments) are reduced over ranks so every rank takes the same decisions; logs use ``sync_dist``.
+**DDP.** Every rank makes its own rollouts: step ``n``'s ``b * world`` episodes follow those of the steps before, and a
+``DistributedSampler`` deals them out (rank ``r`` takes every ``world``-th from ``r``,
+:func:`~crslight.modules.experience.episode_indices`), so no user is met twice across ranks and steps, and one process
+runs episodes ``n * b + i``; ranks decode independently (the engine runs no collective operation); gradients are
+averaged by DDP at every backward, and since multi-turn episodes give ranks different numbers of replies, every rank
+takes as many minibatches and micro-batches as the one with the most (empty ones where it has none left); statistics
+that steer training (KL, reply counts, reward moments) are reduced over ranks so every rank takes the same decisions;
+logs use ``sync_dist``.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ from crslight.modules.experience import (
     Scorer,
     collect_episodes,
     collect_replies,
+    episode_indices,
     make_experience,
     score_episodes,
 )
@@ -512,7 +517,7 @@ class PPOModule(PolicyModule):
     # -- rollouts ---------------------------------------------------------------------------------------------------
     def collect(self, batch: PromptBatch, stage: str = "fit", step: int = 0) -> Rollout:
         """The current policy's replies for ``batch``: with a simulator, this rank's share of step ``step``'s episodes
-        in ``stage``'s environment (``(step * world + rank) * b + i``, one per prompt;
+        in ``stage``'s environment (:func:`~crslight.modules.experience.episode_indices`, one per prompt;
         :func:`~crslight.modules.experience.collect_episodes`); without, one reply to each prompt
         (:func:`~crslight.modules.experience.collect_replies`). GRPO repeats each start ``group_size`` times in
         training; item alternatives are drawn in training only."""
@@ -528,9 +533,8 @@ class PPOModule(PolicyModule):
                         for d, t in zip(batch.dialogue_index, batch.turn_index, strict=True) for _ in range(repeat)]
             names = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["name"], strict=True))
             return collect_replies(policy, contexts, names, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        b = len(batch.input_ids)
-        first = (step * self.trainer.world_size + self.trainer.global_rank) * b
-        indices = [first + i for i in range(b) for _ in range(repeat)]
+        share = episode_indices(step, len(batch.input_ids), self.trainer.world_size, self.trainer.global_rank)
+        indices = [i for i in share for _ in range(repeat)]
         return collect_episodes(policy, env, indices, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
     def score(self, rollout: Rollout) -> Episodes:
@@ -568,11 +572,14 @@ class PPOModule(PolicyModule):
         self.log_step(episodes, exp, kl_per_reply, {**stats, **seconds})
 
     def adapt_kl(self, exp: Experience) -> torch.Tensor:
-        """Feeds the step's mean KL per reply (averaged over ranks) to the KL controller; returns this rank's KL per
-        reply ``(b,)``."""
+        """Feeds the step's mean KL per reply (averaged over ranks) and its number of replies (summed over ranks: with
+        multi-turn episodes each rank has its own) to the KL controller; returns this rank's KL per reply ``(b,)``."""
         kl_per_reply = masked_sum(exp.kl, exp.mask, 1)
         mean_kl = self.trainer.strategy.reduce(kl_per_reply.mean(), reduce_op="mean")
-        self.kl_controller.update(float(mean_kl), exp.mask.shape[0] * self.trainer.world_size)
+        replies = exp.mask.shape[0]
+        if self.trainer.world_size > 1:
+            replies = int(self.trainer.strategy.reduce(torch.tensor(replies, device=self.device), reduce_op="sum"))
+        self.kl_controller.update(float(mean_kl), replies)
         return kl_per_reply
 
     def log_step(self, episodes: Episodes, exp: Experience, kl_per_reply: torch.Tensor,
@@ -630,12 +637,20 @@ class PPOModule(PolicyModule):
             for key, value in self.update_items(samples, exp, opt.optimizer).items():
                 sums[key] += value
                 counts[key] += 1
+        # DDP averages the gradients at every backward pass, so every rank takes as many minibatches and micro-batches
+        # as the rank with the most replies (multi-turn episodes give ranks different numbers); a rank out of replies
+        # takes empty ones
+        most = n if self.trainer.world_size == 1 else int(
+            self.trainer.strategy.reduce(torch.tensor(n, device=self.device), reduce_op="max"))
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(n).tolist()
-            for lo in range(0, n, hp.minibatch_size):
+            for lo in range(0, most, hp.minibatch_size):
                 minibatch = order[lo : lo + hp.minibatch_size]
-                for m in range(0, len(minibatch), hp.micro_batch_size):
+                for m in range(0, min(hp.minibatch_size, most - lo), hp.micro_batch_size):
                     rows = minibatch[m : m + hp.micro_batch_size]
+                    if not rows:  # a zero loss on every trainable weight: this rank's share of DDP's gradient sync
+                        self.manual_backward(0.0 * sum(p.sum() for p in self.trainable_parameters()))
+                        continue
                     if self.device.type == "cpu":
                         release_heap()
                     losses = self.micro_step(samples, exp, rows)

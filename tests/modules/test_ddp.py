@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): ranks make their own rollouts (the decoding engine needs no collective, so ranks
-decode different numbers of steps freely), parameters stay identical."""
+decode different numbers of steps freely, and their episodes may hold different numbers of replies), parameters stay
+identical."""
 
 import os
 import subprocess
@@ -64,5 +65,8 @@ def test_ppo_ranks_stay_identical(tiny_policy, tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
     assert not torch.equal(first["policy.model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
     assert ranks[0]["episodes"] != ranks[1]["episodes"]
+    # multi-turn episodes gave the ranks different numbers of replies; every rank still took the same backward passes
+    # and optimizer steps (the update gives the rank with fewer replies empty micro-batches), or DDP would hang
+    assert [len(e) for e in ranks[0]["episodes"]] != [len(e) for e in ranks[1]["episodes"]]
     assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"] != 0.05
 

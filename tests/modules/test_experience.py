@@ -1,4 +1,4 @@
-"""PPO's data flow as pure functions: collecting, scoring and the experience, on tiny inputs."""
+"""PPO's data flow as pure functions: episode indices, collecting, scoring and the experience, on tiny inputs."""
 
 import math
 
@@ -16,6 +16,7 @@ from crslight.modules.experience import (
     Scorer,
     collect_episodes,
     collect_replies,
+    episode_indices,
     make_experience,
     score,
     score_episodes,
@@ -23,6 +24,16 @@ from crslight.modules.experience import (
 from crslight.modules.rollout import EnginePolicy, pack
 from crslight.signals import AcceptanceSignal
 from crslight.signals.base import SignalBatch
+
+
+def test_episode_indices_deal_each_step_out_to_the_ranks():
+    # one process: step n runs n * b + i, as PPO always has
+    assert episode_indices(0, 3) == [0, 1, 2] and episode_indices(2, 3) == [6, 7, 8]
+    # 2 ranks, 3 episodes each: step 1 holds episodes 6..11, rank 0 takes the even ones, rank 1 the odd ones
+    assert episode_indices(1, 3, world_size=2, rank=0) == [6, 8, 10]
+    assert episode_indices(1, 3, world_size=2, rank=1) == [7, 9, 11]
+    seen = [i for step in range(4) for rank in range(3) for i in episode_indices(step, 5, 3, rank)]
+    assert sorted(seen) == list(range(4 * 5 * 3))  # no user twice across ranks and steps, none skipped
 
 
 class _Reward:
