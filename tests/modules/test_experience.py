@@ -45,9 +45,18 @@ class _Reward:
 
 def _batch(replies: list[str], accepted: list[float]) -> SignalBatch:
     b = len(replies)
-    return SignalBatch(context=[[] for _ in replies], reply=replies, items=[[] for _ in replies],
-                       item_names=[[] for _ in replies], reaction=[None] * b, dwell_time=[math.nan] * b,
-                       labels=[{} for _ in replies], rating=[math.nan] * b, accepted=accepted, continues=[False] * b)
+    return SignalBatch(
+        context=[[] for _ in replies],
+        reply=replies,
+        items=[[] for _ in replies],
+        item_names=[[] for _ in replies],
+        reaction=[None] * b,
+        dwell_time=[math.nan] * b,
+        labels=[{} for _ in replies],
+        rating=[math.nan] * b,
+        accepted=accepted,
+        continues=[False] * b,
+    )
 
 
 def test_score_weighs_r_phi_and_the_signals():
@@ -69,11 +78,22 @@ def _rollout(groups: int = 0) -> Rollout:
     slots, each shown with one alternative."""
     samples = pack([[5, 6], [7], [8, 9]], [[11, 12, 2], [13, 2], [14]], pad_id=0)
     if groups:
-        samples = samples._replace(slots=torch.tensor([[0, 2, 1]] * groups), slot_exclude=torch.full((groups, 1), -1),
-                                   slot_alternatives=torch.tensor([[3]] * groups))
+        samples = samples._replace(
+            slots=torch.tensor([[0, 2, 1]] * groups),
+            slot_exclude=torch.full((groups, 1), -1),
+            slot_alternatives=torch.tensor([[3]] * groups),
+        )
     alternatives = _batch(["a", "abc"] * groups, [1.0, 0.0] * groups) if groups else None
-    return Rollout(samples, _batch(["a", "bb", "ccc"], [0.0, 1.0, 0.0]), torch.tensor([0, 0, 1]),
-                   torch.tensor([0, 1, 0]), torch.tensor([True, True, False]), {"accept": 0.5}, alternatives, groups)
+    return Rollout(
+        samples,
+        _batch(["a", "bb", "ccc"], [0.0, 1.0, 0.0]),
+        torch.tensor([0, 0, 1]),
+        torch.tensor([0, 1, 0]),
+        torch.tensor([True, True, False]),
+        {"accept": 0.5},
+        alternatives,
+        groups,
+    )
 
 
 def test_score_episodes_scores_the_replies_and_each_item_group():
@@ -87,17 +107,22 @@ def test_score_episodes_scores_the_replies_and_each_item_group():
 def _logprobs(samples, values: bool = True) -> RolloutLogprobs:
     width = samples.input_ids.shape[1] - samples.start
     logprobs = torch.full((3, width), -1.0)
-    return RolloutLogprobs(logprobs, logprobs - 0.5, torch.ones(3, width),
-                           torch.zeros(3, width) if values else None)
+    return RolloutLogprobs(logprobs, logprobs - 0.5, torch.ones(3, width), torch.zeros(3, width) if values else None)
 
 
 def test_make_experience_with_a_critic_by_hand():
-    episodes = Episodes(_rollout().samples, torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0, 0, 1]),
-                        torch.tensor([0, 1, 0]), torch.tensor([True, True, False]))
+    episodes = Episodes(
+        _rollout().samples,
+        torch.tensor([1.0, 2.0, 0.0]),
+        torch.tensor([0, 0, 1]),
+        torch.tensor([0, 1, 0]),
+        torch.tensor([True, True, False]),
+    )
     config = ExperienceConfig(gamma=1.0, lam=1.0, whiten_advantages=False, kl_estimator="k1")
     gathered = []
-    exp = make_experience(episodes, _logprobs(episodes.samples), config, 0.0, RunningMoments(),
-                          lambda x: gathered.append(x) or x)
+    exp = make_experience(
+        episodes, _logprobs(episodes.samples), config, 0.0, RunningMoments(), lambda x: gathered.append(x) or x
+    )
     assert isinstance(exp, Experience) and not gathered  # no reward normalisation: nothing to gather
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)  # replies of 3, 2 and 1 tokens
     assert torch.equal(exp.mask, mask) and exp.logprobs.shape == exp.kl.shape == exp.advantages.shape == (3, 3)
@@ -113,12 +138,19 @@ def test_make_experience_with_a_critic_by_hand():
 
 def test_make_experience_grpo_and_item_groups():
     scored = score_episodes(_rollout(groups=1), Scorer(None, 1.0, [AcceptanceSignal()], [1.0]))
-    episodes = Episodes(scored.samples, torch.tensor([1.0, 2.0, 0.0]), scored.episode, scored.turn, scored.ended,
-                        slot_scores=torch.tensor([[1.0, 0.0]]))
+    episodes = Episodes(
+        scored.samples,
+        torch.tensor([1.0, 2.0, 0.0]),
+        scored.episode,
+        scored.turn,
+        scored.ended,
+        slot_scores=torch.tensor([[1.0, 0.0]]),
+    )
     config = ExperienceConfig(advantage_estimator="grpo", group_size=2, reward_normalization="zscore")
     moments, gathered = RunningMoments(), []
-    exp = make_experience(episodes, _logprobs(episodes.samples, values=False), config, 0.1, moments,
-                          lambda x: gathered.append(x) or x)
+    exp = make_experience(
+        episodes, _logprobs(episodes.samples, values=False), config, 0.1, moments, lambda x: gathered.append(x) or x
+    )
     assert len(gathered) == 1 and moments.count == 3  # the scores of every rank feed the running moments
     assert exp.values is None and exp.returns is None
     # z-scored scores [1, 2, 0] -> [0, 1.2247, -1.2247]; episode returns (first turn) [1.2247, -1.2247], one group of 2:
@@ -148,15 +180,21 @@ def test_collect_episodes_and_replies_lay_out_one_row_per_reply():
     env = build_environment(corpus, max_turns=2, seed=0)
     policy = EnginePolicy(_CountingEngine(), lambda turns: [1] * len(turns), corpus.catalogue["item_id"], record=True)
     rollout = collect_episodes(policy, env, [4, 4, 9], pad_token_id=0, eos_token_id=2)
-    episodes = env.rollout(EnginePolicy(_CountingEngine(), lambda turns: [1] * len(turns), corpus.catalogue["item_id"]),
-                           [4, 4, 9])  # the same episodes again: the simulator is seeded by the episode index
+    episodes = env.rollout(
+        EnginePolicy(_CountingEngine(), lambda turns: [1] * len(turns), corpus.catalogue["item_id"]), [4, 4, 9]
+    )  # the same episodes again: the simulator is seeded by the episode index
     turns = [e.steps for e in episodes]
     assert rollout.episode.tolist() == [k for k, n in enumerate(turns) for _ in range(n)]
     assert rollout.turn.tolist() == [t for n in turns for t in range(n)]
     assert rollout.samples.input_ids.shape[0] == len(rollout.replies) == sum(turns)
     assert rollout.ended.all() and rollout.alternatives is None
     assert rollout.metrics["accept"] == sum(e.accepted for e in episodes) / 3 and rollout.metrics["eos_rate"] == 1.0
-    replies = collect_replies(EnginePolicy(_CountingEngine(), lambda turns: [1] * len(turns), ["a"], record=True),
-                              [[{"items": []}], [{"items": []}] * 3], {"a": "A"}, pad_token_id=0, eos_token_id=2)
+    replies = collect_replies(
+        EnginePolicy(_CountingEngine(), lambda turns: [1] * len(turns), ["a"], record=True),
+        [[{"items": []}], [{"items": []}] * 3],
+        {"a": "A"},
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     assert replies.episode.tolist() == [0, 1] and replies.turn.tolist() == [0, 0]
     assert replies.samples.input_ids[:, replies.samples.start].tolist() == [1, 3]  # each reply after its own prompt
