@@ -15,8 +15,9 @@ single runs here, hence the repeated runs.
 
 ``--trace`` also samples, every 10 ms from a thread, the process's RSS (``/proc/self/statm``) and glibc's heap
 statistics (``mallinfo2``: heap size, bytes in use, free bytes kept in the heap, bytes in mmapped blocks), and prints
-their values at the RSS peak of each phase of the PPO steps: rollout (``collect``), scoring, each update micro-batch's
-forward and backward pass, and the gaps between them.
+their values at the RSS peak of each phase of the PPO steps: rollout (``collect``; R_phi's and the signals' ``score``
+falls in the gap after it), scoring (``rollout_logprobs``: the rollout-time log-probabilities), each update
+micro-batch's forward and backward pass, and the gaps between them.
 
     python benchmarks/ppo_memory.py --runs 3                  # SmolLM2-135M, all variants
     python benchmarks/ppo_memory.py --variants neither default --runs 1 --trace
@@ -59,7 +60,7 @@ class PhaseTrace:
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.phase = "start"
         self.rows: dict[str, dict] = {}
-        for name, label in (("collect", "rollout"), ("score_samples", "scoring"), ("micro_step", "forward"),
+        for name, label in (("collect", "rollout"), ("rollout_logprobs", "scoring"), ("micro_step", "forward"),
                             ("manual_backward", "backward")):
             self._wrap(module_class, name, label)
         threading.Thread(target=self._sample, daemon=True).start()

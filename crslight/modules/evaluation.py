@@ -185,12 +185,11 @@ def load_episode_records(path: str | Path) -> list[dict]:
 
 def run_episodes(policy_fn, corpus, episodes: int, max_turns: int, seed: int, root: str | None = None,
                  rank: int = 0, world_size: int = 1, batch_size: int = 256) -> list:
-    """Runs this rank's share of ``episodes`` simulator episodes (episode ``i`` on rank ``i % world_size``)."""
-    from crslight.simulator.cli import default_simulator, linker_for
-    from crslight.simulator.env import ConversationEnv
+    """Runs this rank's share of ``episodes`` simulator episodes (episode ``i`` on rank ``i % world_size``) in the
+    dataset's default environment (:func:`~crslight.simulator.env.build_environment`)."""
+    from crslight.simulator.env import build_environment
 
-    env = ConversationEnv.from_corpus(corpus, default_simulator(corpus, root), linker=linker_for(corpus),
-                                      max_turns=max_turns, seed=seed)
+    env = build_environment(corpus, "auto", root=root, max_turns=max_turns, seed=seed)
     return env.rollout(policy_fn, list(range(rank, episodes, world_size)), batch_size=batch_size)
 
 

@@ -54,15 +54,29 @@ the KL enters the loss (k3, weight beta) rather than the reward, as in DeepSeekM
 beyond what signals give, value bootstrapping at truncated replies (``missing_eos_penalty`` instead), and per-token
 length normalisation. Each is a knob whose effect on a 135M recommender we have not measured.
 
-**DDP.** Every rank makes its own rollouts (episode ``i`` of step ``n`` on rank ``r`` has the index
-``(n * world + r) * b + i``, so ranks never repeat a user); ranks decode independently (the engine runs no
-collective operation); gradients are averaged by DDP at every backward; statistics that steer training
-(KL, reward moments) are reduced over ranks so every rank takes the same decisions; logs use ``sync_dist``.
+**The step** (:meth:`PPOModule.training_step`) reads top to bottom: collect the episodes (:meth:`PPOModule.collect`),
+score them (:meth:`PPOModule.score`), make the experience (:meth:`PPOModule.rollout_logprobs`, then
+:func:`~crslight.modules.experience.make_experience`), update (:meth:`PPOModule.update`, then beta adapts), log. The
+data flow lives in :mod:`crslight.modules.experience` as pure functions over explicit arguments (the environment, the
+engine policy, the :class:`~crslight.modules.experience.Scorer`, the hyper-parameters, a gather function) that return
+typed records (``Rollout`` → ``Episodes`` → ``Experience``); this module wires them and holds the optimisation. The
+environments are built once in ``setup`` (:func:`~crslight.simulator.env.build_environment`, the same factory as
+``crslight simulate`` and ``crslight test``).
+
+**DDP.** Every rank makes its own rollouts: step ``n``'s ``b * world`` episodes follow those of the steps before, and a
+``DistributedSampler`` deals them out (rank ``r`` takes every ``world``-th from ``r``,
+:func:`~crslight.modules.experience.episode_indices`), so no user is met twice across ranks and steps, and one process
+runs episodes ``n * b + i``; ranks decode independently (the engine runs no collective operation); gradients are
+averaged by DDP at every backward, and since multi-turn episodes give ranks different numbers of replies, every rank
+takes as many minibatches and micro-batches as the one with the most (empty ones where it has none left); statistics
+that steer training (KL, reply counts, reward moments) are reduced over ranks so every rank takes the same decisions;
+logs use ``sync_dist``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import defaultdict
 from typing import Any, Literal, NamedTuple
@@ -75,9 +89,22 @@ from crslight.data.datamodules import PromptBatch
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
 from crslight.models.memory import release_heap
-from crslight.modules.experience import Episodes, EpisodeSources, RunningMoments, collect_episodes, make_experience
+from crslight.modules.experience import (
+    Episodes,
+    Experience,
+    ExperienceConfig,
+    Rollout,
+    RolloutLogprobs,
+    RunningMoments,
+    Scorer,
+    collect_episodes,
+    collect_replies,
+    episode_indices,
+    make_experience,
+    score_episodes,
+)
 from crslight.modules.policy import Hidden, PolicyModule
-from crslight.modules.rollout import Samples, position_ids
+from crslight.modules.rollout import EnginePolicy, Samples, position_ids
 from crslight.modules.sft import warmup_cosine
 from crslight.rl import (
     AdaptiveKLController,
@@ -91,6 +118,7 @@ from crslight.rl import (
     ppo_value_loss,
 )
 from crslight.signals.base import SignalExtractor
+from crslight.simulator.env import ConversationEnv, build_environment
 
 
 def allocate_adam_state(opt: torch.optim.Optimizer) -> None:
@@ -327,7 +355,8 @@ class PPOModule(PolicyModule):
         self._reference = Hidden()
         self._reward = Hidden()
         self._reference_head = Hidden()
-        self._sources: EpisodeSources | None = None
+        self.corpora: dict[str, Any] = {}  # per stage (fit, validate): the split episodes and prompts come from
+        self.environments: dict[str, ConversationEnv | None] = {}  # per stage: its simulator environment, or None
         self._step_hooks: list[RemovableHandle] = []
 
     trains_item_head = True
@@ -381,13 +410,27 @@ class PPOModule(PolicyModule):
         return self._reward.module
 
     @property
-    def sources(self) -> EpisodeSources:
-        """The splits and simulator environments episodes are drawn from (built on first use)."""
-        if self._sources is None:
-            hp = self.hparams
-            self._sources = EpisodeSources(self.trainer.datamodule, hp.simulator, hp.simulator_args, hp.max_turns,
-                                           hp.env_seed)
-        return self._sources
+    def scorer(self) -> Scorer:
+        """R_phi and the direct signals with their weights: what scores a reply."""
+        return Scorer(self.reward_model, self.hparams.reward_weight, self.signals, self.signal_weights)
+
+    def setup(self, stage: str) -> None:
+        """The splits of ``fit`` (training and validation) or ``validate``, and with a simulator their environments,
+        built once (:func:`~crslight.simulator.env.build_environment`)."""
+        if stage not in ("fit", "validate"):
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "corpus"):
+            raise TypeError("PPOModule needs a crslight DataModule (ReDial, OpenDialKG, Synthetic) with task: prompts")
+        hp = self.hparams
+        for split in ("fit", "validate") if stage == "fit" else ("validate",):
+            if split in self.corpora:
+                continue
+            corpus = datamodule.corpus(datamodule.splits[split])
+            self.corpora[split] = corpus
+            self.environments[split] = None if hp.simulator is None else build_environment(
+                corpus, hp.simulator, hp.simulator_args, root=getattr(datamodule, "root", None),
+                max_turns=hp.max_turns, seed=hp.env_seed)
 
     # -- forward passes ---------------------------------------------------------------------------------------------
     def forward(self, samples: Samples, values: bool = False, reference: bool = False,
@@ -462,11 +505,10 @@ class PPOModule(PolicyModule):
         return [order[lo : lo + size] for lo in range(0, n, size)]
 
     @torch.no_grad()
-    def score_samples(self, samples: Samples) -> dict[str, torch.Tensor]:
-        """Rollout-time ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` on the reply grid ``(b, w)``; with
-        item alternatives, per slot ``slot_logprobs`` ``(s, 1 + k)`` of the item drawn and its alternatives, and
-        the reference's item distribution ``slot_ref_logprobs`` ``(s, n_items)`` and the policy's ``slot_hidden``
-        states ``(s, h)``, in :meth:`Samples.slots_of` order."""
+    def rollout_logprobs(self, samples: Samples) -> RolloutLogprobs:
+        """The policy's and the reference's forward passes over a rollout's samples, micro-batch by micro-batch:
+        log-probabilities, the policy's entropy and values, and with item alternatives the slot terms
+        (:class:`~crslight.modules.experience.RolloutLogprobs`)."""
         width = samples.input_ids.shape[1] - samples.start
         out = defaultdict(list)
         groups = samples.slot_alternatives.shape[1] > 0
@@ -495,46 +537,92 @@ class PPOModule(PolicyModule):
         result = {key: torch.cat(value) for key, value in out.items()}
         for key, value in result.items():  # back to the samples' row order, and slot order
             result[key] = value[(slots if key.startswith("slot_") else rows).to(value.device)]
-        return result
+        return RolloutLogprobs(**result)
 
     # -- rollouts ---------------------------------------------------------------------------------------------------
-    def collect(self, batch: PromptBatch, stage: str = "fit", first_episode: int | None = None) -> Episodes:
-        """Samples replies (episodes in the simulator, or one reply per prompt) and scores them.
+    def collect(self, batch: PromptBatch, stage: str = "fit", step: int = 0) -> Rollout:
+        """The current policy's replies for ``batch``: with a simulator, this rank's share of step ``step``'s episodes
+        in ``stage``'s environment (:func:`~crslight.modules.experience.episode_indices`, one per prompt;
+        :func:`~crslight.modules.experience.collect_episodes`); without, one reply to each prompt
+        (:func:`~crslight.modules.experience.collect_replies`). GRPO repeats each start ``group_size`` times in
+        training; item alternatives are drawn in training only."""
+        hp, tokenizer = self.hparams, self.tokenizer
+        corpus, env = self.corpora[stage], self.environments[stage]
+        engine = self.engine(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
+                             item_temperature=hp.item_temperature,
+                             item_alternatives=hp.item_alternatives if stage == "fit" else 0)
+        policy = EnginePolicy(engine, self.trainer.datamodule.encode_prompt, corpus.catalogue["item_id"], record=True)
+        repeat = hp.group_size if hp.advantage_estimator == "grpo" and stage == "fit" else 1
+        if env is None:
+            contexts = [corpus.dialogues[int(d)]["turns"][: int(t)]
+                        for d, t in zip(batch.dialogue_index, batch.turn_index, strict=True) for _ in range(repeat)]
+            names = dict(zip(corpus.catalogue["item_id"], corpus.catalogue["name"], strict=True))
+            return collect_replies(policy, contexts, names, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        share = episode_indices(step, len(batch.input_ids), self.trainer.world_size, self.trainer.global_rank)
+        indices = [i for i in share for _ in range(repeat)]
+        return collect_episodes(policy, env, indices, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
-        In training, this rank's episodes of step ``n`` are ``(n * world + rank) * b + i``: no user twice.
-        """
-        if first_episode is None:
-            first_episode = (self.iterations * self.trainer.world_size + self.trainer.global_rank) * len(batch[0])
-        return collect_episodes(self, batch, stage, first_episode)
+    def score(self, rollout: Rollout) -> Episodes:
+        """The rollout's replies scored by R_phi and the direct signals (:func:`~crslight.modules.experience.
+        score_episodes` with :attr:`scorer`)."""
+        return score_episodes(rollout, self.scorer)
 
-    def make_experience(self, batch: PromptBatch) -> tuple[Episodes, dict[str, torch.Tensor]]:
-        """Rollout, scores, KL, advantages and returns for one PPO step (:func:`~crslight.modules.experience.
-        make_experience`)."""
-        return make_experience(self, batch)
+    def gather_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``scores`` ``(b,)`` concatenated, on the CPU (for the reward statistics)."""
+        return self.all_gather(scores.to(self.device)).reshape(-1).cpu()
 
     # -- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        episodes, exp = self.make_experience(batch)
+        """One PPO iteration: collect, score, make the experience, update, log (see the module docstring)."""
+        self.eval()  # no dropout anywhere: the first minibatch's ratios are exactly 1
+        # 1. collect: episodes with the simulated users (or one reply per prompt)
+        start = time.perf_counter()
+        rollout = self.collect(batch, "fit", self.iterations)
+        seconds = {"seconds_rollout": time.perf_counter() - start}
+        # 2. score: R_phi and the direct signals, per reply and per item alternative
+        episodes = self.score(rollout)
+        # 3. experience: the rollout-time log-probabilities and values, then KL, shaped returns and advantages
+        start = time.perf_counter()
+        logprobs = self.rollout_logprobs(episodes.samples)
+        seconds["seconds_logprobs"] = time.perf_counter() - start
+        exp = make_experience(episodes, logprobs, ExperienceConfig.from_hparams(self.hparams), self.kl_controller.value,
+                              self.reward_moments, self.gather_scores)
+        # 4. update: the clipped minibatch passes, then beta adapts to the step's KL
         start = time.perf_counter()
         stats = self.update(episodes.samples, exp)
-        stats["seconds_update"] = torch.tensor(time.perf_counter() - start)
-        mask = exp["mask"]
-        kl_per_reply = masked_sum(exp["kl"], mask, 1)
-        mean_kl = self.trainer.strategy.reduce(kl_per_reply.mean(), reduce_op="mean")
-        self.kl_controller.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)
+        seconds["seconds_update"] = time.perf_counter() - start
+        kl_per_reply = self.adapt_kl(exp)
         self.iterations += 1
+        # 5. log
+        self.log_step(episodes, exp, kl_per_reply, {**stats, **seconds})
+
+    def adapt_kl(self, exp: Experience) -> torch.Tensor:
+        """Feeds the step's mean KL per reply (averaged over ranks) and its number of replies (summed over ranks: with
+        multi-turn episodes each rank has its own) to the KL controller; returns this rank's KL per reply ``(b,)``."""
+        kl_per_reply = masked_sum(exp.kl, exp.mask, 1)
+        mean_kl = self.trainer.strategy.reduce(kl_per_reply.mean(), reduce_op="mean")
+        replies = exp.mask.shape[0]
+        if self.trainer.world_size > 1:
+            replies = int(self.trainer.strategy.reduce(torch.tensor(replies, device=self.device), reduce_op="sum"))
+        self.kl_controller.update(float(mean_kl), replies)
+        return kl_per_reply
+
+    def log_step(self, episodes: Episodes, exp: Experience, kl_per_reply: torch.Tensor,
+                 stats: dict[str, torch.Tensor | float]) -> None:
+        """Logs a training step under ``train/`` (docs/training.md lists the keys)."""
+        mask = exp.mask
         metrics = {
             **episodes.metrics,
             "kl": kl_per_reply.mean(),
             "kl_coef": torch.tensor(self.kl_controller.value),
-            "entropy": masked_mean(exp["entropy"], mask),
+            "entropy": masked_mean(exp.entropy, mask),
             "response_length": mask.sum(1).float().mean(),
-            "return": exp["returns_per_reply"].mean(),
-            "advantage_std": exp["advantages"][mask].std() if mask.sum() > 1 else torch.tensor(0.0),
+            "return": exp.returns_per_reply.mean(),
+            "advantage_std": exp.advantages[mask].std() if mask.sum() > 1 else torch.tensor(0.0),
             **stats,
         }
         if self.uses_critic:
-            metrics["value"] = masked_mean(exp["values"], mask)
+            metrics["value"] = masked_mean(exp.values, mask)
         progress = {"reward", "kl", "accept"}
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
@@ -543,18 +631,18 @@ class PPOModule(PolicyModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Episodes of the current policy on the eval split (the same episodes at every validation): ``val/reward``
         (mean R_phi), ``val/accept``, ``val/satisfaction``, ``val/kl`` (per reply, to the reference) and more."""
-        b = len(batch.input_ids)
-        episodes = self.collect(batch, "validate", (batch_idx * self.trainer.world_size + self.trainer.global_rank) * b)
-        exp = self.score_samples(episodes.samples)
+        episodes = self.score(self.collect(batch, "validate", batch_idx))
+        logprobs = self.rollout_logprobs(episodes.samples)
         mask = episodes.samples.response_mask[:, episodes.samples.start :].to(self.device).bool()
-        kl = masked_sum(kl_penalty(exp["logprobs"], exp["ref_logprobs"], "k1"), mask, 1)
+        kl = masked_sum(kl_penalty(logprobs.logprobs, logprobs.ref_logprobs, "k1"), mask, 1)
         metrics = {**episodes.metrics, "kl": kl.mean(), "response_length": mask.sum(1).float().mean(),
-                   "entropy": masked_mean(exp["entropy"], mask)}
+                   "entropy": masked_mean(logprobs.entropy, mask)}
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-            self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True, batch_size=b)
+            self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True,
+                     batch_size=len(batch.input_ids))
 
-    def update(self, samples: Samples, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def update(self, samples: Samples, exp: Experience) -> dict[str, torch.Tensor]:
         """``item_ppo_epochs`` steps of the item scores on the cached slot states, then ``ppo_epochs`` passes of
         clipped minibatch updates; returns the mean losses and diagnostics.
 
@@ -567,15 +655,30 @@ class PPOModule(PolicyModule):
         hp = self.hparams
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
+        n = samples.input_ids.shape[0]
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        if hp.item_ppo_epochs and "slot_advantages" in exp:
+        if hp.item_ppo_epochs and exp.slot_advantages is not None:
             for key, value in self.update_items(samples, exp, opt.optimizer).items():
                 sums[key] += value
                 counts[key] += 1
+        # DDP averages the gradients at every backward pass, so every rank takes as many minibatches and micro-batches
+        # as the rank with the most replies (multi-turn episodes give ranks different numbers); a rank out of replies
+        # takes empty ones
+        most = n if self.trainer.world_size == 1 else int(
+            self.trainer.strategy.reduce(torch.tensor(n, device=self.device), reduce_op="max"))
         for _ in range(hp.ppo_epochs):
-            for minibatch in self._minibatches(samples):
-                for rows in self._micro_batches(samples, minibatch):
+            minibatches = self._minibatches(samples)
+            if most > n:  # this rank's replies run out first: empty minibatches
+                minibatches += [[] for _ in range(math.ceil(most / hp.minibatch_size) - len(minibatches))]
+            for minibatch in minibatches:
+                micro = self._micro_batches(samples, minibatch)
+                if self.trainer.world_size > 1:  # as many micro-batches on every rank
+                    micro += [[] for _ in range(math.ceil(hp.minibatch_size / hp.micro_batch_size) - len(micro))]
+                for rows in micro:
+                    if not rows:  # a zero loss on every trainable weight: this rank's share of DDP's gradient sync
+                        self.manual_backward(0.0 * sum(p.sum() for p in self.trainable_parameters()))
+                        continue
                     if self.device.type == "cpu":
                         release_heap()
                     losses = self.micro_step(samples, exp, rows)
@@ -590,29 +693,28 @@ class PPOModule(PolicyModule):
                 scheduler.step()
         return {key: torch.tensor(value / counts[key]) for key, value in sums.items()}
 
-    def item_loss(self, item_logprobs: torch.Tensor, items: torch.Tensor, exp: dict[str, torch.Tensor],
+    def item_loss(self, item_logprobs: torch.Tensor, items: torch.Tensor, exp: Experience,
                   slots: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The item choice's loss at slots ``slots`` (indices into ``exp``'s ``slot_*`` rows) from their item
         distributions ``(s, n_items)``: the clipped surrogate of the item drawn and its alternatives (``items``
         ``(s, 1 + k)``) with their group advantages, plus beta times the exact KL to the reference's items."""
         new = item_logprobs.gather(1, items.to(self.device))
-        loss, clipfrac, _ = ppo_policy_loss(new, exp["slot_logprobs"][slots], exp["slot_advantages"][slots],
+        loss, clipfrac, _ = ppo_policy_loss(new, exp.slot_logprobs[slots], exp.slot_advantages[slots],
                                             torch.ones_like(new), self.hparams.clip_range)
-        kl = item_kl_divergence(item_logprobs, exp["slot_ref_logprobs"][slots])
+        kl = item_kl_divergence(item_logprobs, exp.slot_ref_logprobs[slots])
         stats = {"item_loss": loss.detach(), "item_clipfrac": clipfrac, "item_kl": kl.detach()}
         return loss + self.kl_controller.value * kl, stats
 
-    def update_items(self, samples: Samples, exp: dict[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def update_items(self, samples: Samples, exp: Experience, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """``item_ppo_epochs`` full-batch steps of the item scores alone on the rollout's slot states (cached by
-        :meth:`score_samples`; the language model does not run). Returns the first step's statistics."""
+        :meth:`rollout_logprobs`; the language model does not run). Returns the first step's statistics."""
         hp = self.hparams
         head = self.item_head
         table = self.policy.get_output_embeddings().weight.detach()  # the titles' rows: not trained here
         slots = torch.arange(len(samples.slots), device=self.device)
         first: dict[str, float] = {}
         for _ in range(hp.item_ppo_epochs):
-            logprobs = self._item_logprobs(head, exp["slot_hidden"], samples, table)
+            logprobs = self._item_logprobs(head, exp.slot_hidden, samples, table)
             loss, stats = self.item_loss(logprobs, samples.slot_items, exp, slots)
             optimizer.zero_grad()
             loss.backward()
@@ -626,30 +728,28 @@ class PPOModule(PolicyModule):
             first = first or {key: float(value) for key, value in stats.items()}
         return first
 
-    def micro_step(self, samples: Samples, exp: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    def micro_step(self, samples: Samples, exp: Experience, rows: list[int]) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch (with grad)."""
         hp = self.hparams
         part = samples.select(rows)
-        width = part.input_ids.shape[1] - part.start
-        pick = {key: value[rows][:, :width] for key, value in exp.items()
-                if value.dim() == 2 and not key.startswith("slot_")}
-        mask = pick["mask"]
+        pick = exp.select(rows, part.input_ids.shape[1] - part.start)
+        mask = pick.mask
         logprobs, _, values, item_logprobs, _ = self.forward(part, values=self.uses_critic)
-        policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick["logprobs"], pick["advantages"], mask,
+        policy_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, pick.logprobs, pick.advantages, mask,
                                                            hp.clip_range)
         out = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
         loss = policy_loss
-        if "slot_advantages" in exp and len(part.slots):  # the item choice, from its group of alternatives
+        if exp.slot_advantages is not None and len(part.slots):  # the item choice, from its group of alternatives
             item_loss, stats = self.item_loss(item_logprobs, part.slot_items, exp,
                                               samples.slots_of(rows).to(self.device))
             loss = loss + item_loss
             out.update(stats)
         if self.uses_critic:
-            value_loss = ppo_value_loss(values, pick["values"], pick["returns"], mask, hp.value_clip)
+            value_loss = ppo_value_loss(values, pick.values, pick.returns, mask, hp.value_clip)
             loss = loss + hp.vf_coef * value_loss
             out["value_loss"] = value_loss.detach()
         elif self.kl_controller.value > 0:
-            kl = masked_mean(kl_penalty(logprobs, pick["ref_logprobs"], "k3"), mask)
+            kl = masked_mean(kl_penalty(logprobs, pick.ref_logprobs, "k3"), mask)
             loss = loss + self.kl_controller.value * kl
         if self.item_head is not None and not len(part.slots):  # keeps DDP's gradient buckets complete
             loss = loss + 0.0 * sum(p.sum() for p in self.item_head.parameters())

@@ -1,22 +1,16 @@
 """``crslight simulate``: run a policy against the simulated users of a dataset split and summarise the episodes.
 
-The defaults pick the simulator that fits each source: a :class:`GroundedSimulator` for ReDial (dwell model refitted
-from the train split of ``root``, once per process) and for OpenDialKG (neutral style, the ReDial dwell model, since
-OpenDialKG has no timestamps), and a :class:`PersonaSimulator` for the synthetic scenario. The policy is a name
-(:data:`POLICIES`) or anything :func:`crslight.models.loading.load_causal_lm` loads (``smollm2``, a model
-folder, a ``.gguf`` file), run as an :class:`LMPolicy`.
+The environment is :func:`crslight.simulator.env.build_environment`'s, with the simulator that fits each source (a
+``GroundedSimulator`` for ReDial and OpenDialKG, a ``PersonaSimulator`` for the synthetic scenario: see there). The
+policy is a name (:data:`POLICIES`) or anything :func:`crslight.models.loading.load_causal_lm` loads (``smollm2``, a
+model folder, a ``.gguf`` file), run as an :class:`LMPolicy`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from crslight.simulator.base import UserSimulator
-from crslight.simulator.dwell import REDIAL_DWELL, redial_dwell
-from crslight.simulator.env import ConversationEnv, Policy, summarise
-from crslight.simulator.grounded import GroundedSimulator
-from crslight.simulator.linker import ItemLinker
-from crslight.simulator.persona import PersonaSimulator
+from crslight.simulator.env import Policy, build_environment, summarise
 from crslight.simulator.policies import (
     RECOMMENDER_PROMPT,
     AttributeOraclePolicy,
@@ -32,26 +26,6 @@ from crslight.simulator.policies import (
 #: :class:`~crslight.simulator.policies.AttributeOraclePolicy`).
 POLICIES = ("random", "popularity", "popularity-catalogue", "oracle")
 NOUNS = {"redial": "movie", "synthetic": "movie", "opendialkg": "one"}
-
-
-_LINKERS: dict[tuple[str, str], ItemLinker] = {}
-
-
-def linker_for(corpus) -> ItemLinker:
-    """The item linker of a corpus's catalogue, built once per process (OpenDialKG's takes seconds)."""
-    key = (corpus.name, getattr(corpus.catalogue, "_fingerprint", str(id(corpus.catalogue))))
-    if key not in _LINKERS:
-        _LINKERS[key] = ItemLinker.from_catalogue(corpus.catalogue)
-    return _LINKERS[key]
-
-
-def default_simulator(corpus, root: str | None = None) -> UserSimulator:
-    """The built-in simulator for a corpus (module docstring)."""
-    if corpus.name == "synthetic":
-        return PersonaSimulator(corpus.catalogue)
-    if corpus.name == "redial":
-        return GroundedSimulator(corpus.catalogue, dwell=redial_dwell(root) if root else REDIAL_DWELL)
-    return GroundedSimulator(corpus.catalogue, dwell=REDIAL_DWELL, style="opendialkg", noun="one")
 
 
 def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train=None) -> Policy:
@@ -141,9 +115,6 @@ def simulate(
     from crslight.data import load_corpus
 
     corpus = load_corpus(dataset, root, split)
-    simulator = default_simulator(corpus, root)
-    env = ConversationEnv.from_corpus(
-        corpus, simulator, linker=linker_for(corpus), max_turns=max_turns, seed=seed
-    )
+    env = build_environment(corpus, "auto", root=root, max_turns=max_turns, seed=seed)
     result = summarise(env.rollout(make_policy(policy, corpus, seed, root), episodes, batch_size=batch_size))
     return {"dataset": dataset, "split": split, "policy": policy, "seed": seed, "max_turns": max_turns, **result}

@@ -16,6 +16,14 @@ episodes are identical for every batch size. Dialogues are eligible when the sim
 Time: simulated turns continue the prefix's clock. A reply takes ``len(words) / typing_speed`` seconds to write, the
 user's turn starts ``dwell_time`` seconds after the reply ends, so ``next.time - reply.end_time`` of a simulated
 dialogue is its dwell time, exactly as in the real ReDial gaps the dwell model was fitted on.
+
+One factory, :func:`build_environment`, assembles the environment of a corpus split for every user of it: ``crslight
+simulate``, the test episodes of ``crslight test`` and the pipeline (``crslight.modules.evaluation.run_episodes``),
+and PPO's rollouts (``PPOModule.setup``). It picks the dataset's default simulator (:func:`default_simulator`: a
+:class:`~crslight.simulator.GroundedSimulator` for ReDial, with the dwell model refitted from the train split of
+``root``, and for OpenDialKG, with a neutral style and the ReDial dwell model since OpenDialKG has no timestamps; a
+:class:`~crslight.simulator.PersonaSimulator` for the synthetic scenario) or one by class name, and the catalogue's
+item linker (:func:`linker_for`, built once per process).
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crslight.data.schema import RECOMMENDER, SEEKER, turn
-from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows
+from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows, simulator_class
+from crslight.simulator.dwell import REDIAL_DWELL, redial_dwell
+from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
+from crslight.simulator.persona import PersonaSimulator
 
 Policy = Callable[[list[list[dict]]], list[str]]
 ENDINGS = ("accept", "leave", "turn_limit")
@@ -282,3 +293,46 @@ def to_signal_batch(transitions: list[Transition]):
     from crslight.signals.base import SignalBatch
 
     return SignalBatch(**signal_fields(transitions))
+
+
+_LINKERS: dict[tuple[str, str], ItemLinker] = {}
+
+
+def linker_for(corpus) -> ItemLinker:
+    """The item linker of a corpus's catalogue, built once per process (OpenDialKG's takes seconds)."""
+    key = (corpus.name, getattr(corpus.catalogue, "_fingerprint", str(id(corpus.catalogue))))
+    if key not in _LINKERS:
+        _LINKERS[key] = ItemLinker.from_catalogue(corpus.catalogue)
+    return _LINKERS[key]
+
+
+def default_simulator(corpus, root: str | None = None) -> UserSimulator:
+    """The built-in simulator for a corpus (module docstring)."""
+    if corpus.name == "synthetic":
+        return PersonaSimulator(corpus.catalogue)
+    if corpus.name == "redial":
+        return GroundedSimulator(corpus.catalogue, dwell=redial_dwell(root) if root else REDIAL_DWELL)
+    return GroundedSimulator(corpus.catalogue, dwell=REDIAL_DWELL, style="opendialkg", noun="one")
+
+
+def build_environment(corpus, simulator: str = "auto", simulator_args: dict | None = None, root: str | None = None,
+                      max_turns: int = 5, seed: int = 0) -> ConversationEnv:
+    """The conversation environment over a corpus split: the one way crslight assembles it (module docstring).
+
+    Args:
+        corpus: the split (``crslight.data.Corpus``) whose dialogues start the episodes.
+        simulator: ``auto`` for the dataset's default (:func:`default_simulator`), else a simulator class name
+            (built-in or from the ``crslight.simulators`` entry points, :func:`~crslight.simulator.simulator_class`).
+        simulator_args: keyword arguments of a named simulator beside the catalogue (not used with ``auto``).
+        root: the dataset's folder (ReDial's default simulator refits its dwell model from the train split there).
+        max_turns: replies per episode at most.
+        seed: base seed; episode ``i`` uses ``default_rng([seed, i])``.
+
+    Raises:
+        ValueError: an unknown simulator name.
+    """
+    if simulator == "auto":
+        user = default_simulator(corpus, root)
+    else:
+        user = simulator_class(simulator)(corpus.catalogue, **(simulator_args or {}))
+    return ConversationEnv.from_corpus(corpus, user, linker=linker_for(corpus), max_turns=max_turns, seed=seed)

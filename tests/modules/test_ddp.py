@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): ranks make their own rollouts (the decoding engine needs no collective, so ranks
-decode different numbers of steps freely), parameters stay identical."""
+decode different numbers of steps freely, and their episodes may hold different numbers of replies), parameters stay
+identical."""
 
 import os
 import subprocess
@@ -27,12 +28,12 @@ trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, li
                   limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 episodes = []
-collect = module.collect
-def recording_collect(batch, *args):
-    out = collect(batch, *args)
+score = module.score
+def recording_score(rollout):
+    out = score(rollout)
     episodes.append(out.scores.tolist() + out.samples.input_ids.sum(1).tolist())
     return out
-module.collect = recording_collect
+module.score = recording_score
 trainer.fit(module, data)
 state = {name: p.detach().clone() for name, p in module.named_parameters()}
 
@@ -64,5 +65,8 @@ def test_ppo_ranks_stay_identical(tiny_policy, tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
     assert not torch.equal(first["policy.model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
     assert ranks[0]["episodes"] != ranks[1]["episodes"]
+    # multi-turn episodes gave the ranks different numbers of replies; every rank still took the same backward passes
+    # and optimizer steps (the update gives the rank with fewer replies empty micro-batches), or DDP would hang
+    assert [len(e) for e in ranks[0]["episodes"]] != [len(e) for e in ranks[1]["episodes"]]
     assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"] != 0.05
 

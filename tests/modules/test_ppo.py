@@ -72,10 +72,10 @@ def test_reference_equals_policy_at_start(tiny_policy, tiny_tokenizer, lora):
     prompts = [tiny_tokenizer("Hi, a comedy please")["input_ids"], tiny_tokenizer("Something calm?")["input_ids"][:3]]
     replies = [[100, 200, 2], [300, 2]]
     samples = pack(prompts, replies, tiny_tokenizer.pad_token_id)
-    exp = module.score_samples(samples)
+    rollout = module.rollout_logprobs(samples)
     mask = samples.response_mask[:, samples.start :].bool()
-    assert torch.equal(exp["logprobs"][mask], exp["ref_logprobs"][mask])
-    assert exp["values"].shape == mask.shape
+    assert torch.equal(rollout.logprobs[mask], rollout.ref_logprobs[mask])
+    assert rollout.values.shape == mask.shape
     # the reference costs no second model with LoRA, and the value head rides on the policy's backbone
     policy_size = sum(p.numel() for p in module.policy.parameters())
     assert sum(p.numel() for p in module.parameters()) == policy_size + module.value_head.proj.weight.numel() + 1
@@ -255,10 +255,10 @@ def test_length_grouped_micro_batches_give_the_same_experience(tiny_policy, tiny
     plain.configure_model()
     plain.load_state_dict(grouped.state_dict())
     assert [len(grouped._micro_batches(samples)[0])] == [3] and sorted(grouped._micro_batches(samples)[0]) == [0, 2, 4]
-    got, want = grouped.score_samples(samples), plain.score_samples(samples)
+    got, want = grouped.rollout_logprobs(samples), plain.rollout_logprobs(samples)
     mask = samples.response_mask[:, samples.start :].bool()
     for key in ("logprobs", "ref_logprobs", "entropy", "values"):
-        torch.testing.assert_close(got[key][mask], want[key][mask], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(getattr(got, key)[mask], getattr(want, key)[mask], rtol=1e-4, atol=1e-4)
     minibatches = grouped._minibatches(samples)
     assert sorted(row for batch in minibatches for row in batch) == list(range(6))
     assert sorted(sorted(batch) for batch in minibatches) == [[0, 2, 4], [1, 3, 5]]
@@ -297,9 +297,9 @@ def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommende
             assert item not in {i for turn in contexts[k] for i in turn["items"]}
     samples = pack(prompts, generations, tiny_tokenizer.pad_token_id)
     assert len(samples.slots) == sum(len(g.slots) for g in generations)
-    exp = module.score_samples(samples)
+    rollout = module.rollout_logprobs(samples)
     mask = samples.response_mask[:, samples.start :].bool()
-    assert torch.equal(exp["logprobs"][mask], exp["ref_logprobs"][mask])  # the reference starts as the policy
+    assert torch.equal(rollout.logprobs[mask], rollout.ref_logprobs[mask])  # the reference starts as the policy
     # by hand: the slot token's log-probability plus the item's under the scores at the slot state (temperature 0.7)
     row, column, item = samples.slots[0].tolist()
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommende
         scores = module.item_head(hidden[slot_column][None], module.policy.get_output_embeddings().weight,
                                   previous).float()
         drawn = torch.log_softmax((scores / 0.7).masked_fill(excluded, float("-inf")), -1)[0, item]
-    assert exp["logprobs"][row, column - samples.start] == pytest.approx(float(token + drawn), abs=1e-4)
+    assert rollout.logprobs[row, column - samples.start] == pytest.approx(float(token + drawn), abs=1e-4)
     assert not samples.response_mask[row, column + 1]  # the title's first token is written in, not an action
 
 
@@ -399,14 +399,14 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender,
         return float(torch.stack(probs).mean())
 
     rewards = []
-    collect = module.collect
+    score = module.score
 
-    def recording_collect(batch, *args):
-        episodes = collect(batch, *args)
+    def recording_score(rollout):
+        episodes = score(rollout)
         rewards.append(episodes.metrics[f"signal/{_NamesItemSignal.__name__}"])
         return episodes
 
-    module.collect = recording_collect
+    module.score = recording_score
     module.policy.eval()
     before = target_probability()
     trainer.fit(module, data)
@@ -416,3 +416,28 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender,
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
     moved = [name for name, p in module.policy.named_parameters() if p.requires_grad and not torch.equal(p, lora[name])]
     assert (not moved) == (options.get("ppo_epochs") == 0), moved
+
+
+def test_setup_builds_each_environment_once_through_the_factory(tiny_policy, monkeypatch):
+    import crslight.modules.ppo as ppo
+
+    calls = []
+
+    def build_environment(corpus, *args, **kwargs):
+        calls.append((corpus.split, args, kwargs))
+        return corpus.split
+
+    monkeypatch.setattr(ppo, "build_environment", build_environment)
+    data = Synthetic(task="prompts", tokenizer=tiny_policy, n_dialogues=30)
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator",
+                       simulator_args={"leave_step": 0.5}, max_turns=4, env_seed=7)
+    module._trainer = SimpleNamespace(datamodule=data)  # what setup reads
+    module.setup("fit")
+    module.setup("validate")  # built already
+    options = {"root": None, "max_turns": 4, "seed": 7}
+    assert calls == [(s, ("PersonaSimulator", {"leave_step": 0.5}), options) for s in ("train", "valid")]
+    assert module.environments == {"fit": "train", "validate": "valid"}
+    single = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()])
+    single._trainer = SimpleNamespace(datamodule=data)
+    single.setup("fit")  # no simulator: one reply per prompt, no environment
+    assert single.environments == {"fit": None, "validate": None} and len(calls) == 2

@@ -123,3 +123,44 @@ def test_item_groups_show_each_alternative_to_the_same_user_without_changing_the
             assert group[1].reaction.accepted  # the user's target: taken up, rated as the episode would end
             assert group[1].rating == pytest.approx(5.0 - 0.7 * t.step)
             assert all(g.items == [g.reply.items[0]] and g.step == t.step for g in group)
+
+
+def test_build_environment_picks_the_dataset_default_or_a_named_simulator():
+    from crslight.data import load_corpus
+    from crslight.simulator.env import build_environment, linker_for
+    from crslight.simulator.persona import PersonaSimulator
+
+    corpus = load_corpus("synthetic", None, "test", n_dialogues=10, n_items=40)
+    auto = build_environment(corpus, max_turns=2, seed=3)
+    assert isinstance(auto.simulator, PersonaSimulator)
+    assert (auto.max_turns, auto.seed) == (2, 3) and auto.linker is linker_for(corpus)  # one linker per catalogue
+    named = build_environment(corpus, "GroundedSimulator", {"leave_step": 0.5}, max_turns=1)
+    assert isinstance(named.simulator, GroundedSimulator) and named.simulator.leave_step == 0.5
+    with pytest.raises(ValueError, match="crslight.simulators"):
+        build_environment(corpus, "NoSuchSimulator")
+
+
+def test_simulate_and_the_test_episodes_run_in_the_factory_environment(monkeypatch):
+    """``crslight simulate`` and ``run_episodes`` (``crslight test``, the pipeline) build their environment through
+    ``build_environment`` (PPO's ``setup`` too: tests/modules/test_ppo.py), so all three meet the same users."""
+    import crslight.simulator.cli as cli
+    import crslight.simulator.env as env
+    from crslight.data import load_corpus
+    from crslight.modules.evaluation import run_episodes
+
+    calls = []
+    build = env.build_environment
+
+    def spy(corpus, *args, **kwargs):
+        calls.append((corpus.split, args, kwargs))
+        return build(corpus, *args, **kwargs)
+
+    monkeypatch.setattr(env, "build_environment", spy)
+    monkeypatch.setattr(cli, "build_environment", spy)
+    summary = cli.simulate("synthetic", None, "random", 4, 2, 7, "test")
+    corpus = load_corpus("synthetic", None, "test")
+    episodes = run_episodes(RandomPolicy(corpus.catalogue, seed=7), corpus, 4, 2, 7)
+    assert calls == [("test", ("auto",), {"root": None, "max_turns": 2, "seed": 7})] * 2
+    assert summary["episodes"] == len(episodes) == 4
+    assert [e.dialogue_id for e in episodes] == [e.dialogue_id for e in build(corpus, max_turns=2, seed=7).rollout(
+        RandomPolicy(corpus.catalogue, seed=7), 4)]

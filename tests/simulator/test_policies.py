@@ -136,8 +136,8 @@ def test_oracle_prefers_genre_and_mood_then_genre_then_popularity():
 
 def test_oracle_beats_popularity_on_the_same_synthetic_episodes():
     from crslight.data import load_corpus, synthetic
-    from crslight.simulator.cli import default_simulator, make_policy
-    from crslight.simulator.env import ConversationEnv
+    from crslight.simulator.cli import make_policy
+    from crslight.simulator.env import ConversationEnv, default_simulator
 
     corpus = load_corpus("synthetic", None, "test")
     rates, runs = {}, {}
