@@ -205,15 +205,19 @@ def slot_features(policy: nn.Module, batches) -> tuple[torch.Tensor, torch.Tenso
 
 def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, previous: torch.Tensor,
                   output_embeddings: torch.Tensor, epochs: int, lr: float, batch_size: int = 256,
-                  weight_decay: float = 0.0, seed: int = 0) -> list[float]:
-    """Trains ``head`` (its map, per-item bias and context weights) on cached slot states: AdamW on the catalogue
-    cross-entropy, the title table fixed (``output_embeddings`` detached). Seeded, so every DDP rank fits the same
-    head. Returns the mean loss of each epoch.
+                  weight_decay: float = 0.0, seed: int = 0, trains: str = "all") -> list[float]:
+    """Trains ``head`` on cached slot states: AdamW on the catalogue cross-entropy, the title table fixed
+    (``output_embeddings`` detached); ``trains`` is ``all`` (its map, per-item bias and context weights) or
+    ``context`` (the link weight and the mention bonus alone). Seeded, so every DDP rank fits the same head. Returns
+    the mean loss of each epoch.
 
     An epoch over a whole training split costs one ``(n, h) x (h, n_items)`` matmul: seconds, where each SFT step runs
     the whole language model for a few dialogues.
     """
-    params = [p for p in head.parameters() if p.requires_grad]
+    if trains not in ("all", "context"):
+        raise ValueError(f"trains must be 'all' or 'context', got {trains!r}")
+    params = [p for p in head.parameters() if p.requires_grad] if trains == "all" else [head.link_weight,
+                                                                                         head.mention_bonus]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device = head.bias.device
     table_source = output_embeddings.detach().float().to(device)

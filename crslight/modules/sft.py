@@ -104,6 +104,14 @@ class SFTModule(PolicyModule):
             training dialogues, :mod:`crslight.models.cooccurrence`): the item scores then read which items the
             dialogue has mentioned, with a learned weight (0: no links).
         item_links_l2: EASE's L2 weight.
+        item_head_fits: What that fit trains: ``all`` (the map from hidden states, the per-item bias and the two
+            context weights) or ``context`` (only the link weight and the mention bonus; the map is set to zero, so
+            the scores read the items the dialogue mentioned and not the hidden state, and the bias is
+            ``item_prior`` times the log of one plus each item's count among the training targets). ``context`` is
+            for small training splits with a large catalogue, where a free bias per item and a hidden x hidden map
+            fitted on a few thousand samples rank the test split worse than the co-mentions alone (ReDial: 10,639
+            training samples, 6,924 items). PPO can still train the bias and the map.
+        item_prior: With ``item_head_fits: context``, the weight of the popularity prior in the bias (0: none).
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -139,6 +147,8 @@ class SFTModule(PolicyModule):
         item_head_dialogues: int | None = None,
         item_links: int = 0,
         item_links_l2: float = 200.0,
+        item_head_fits: Literal["all", "context"] = "all",
+        item_prior: float = 0.0,
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
@@ -231,17 +241,29 @@ class SFTModule(PolicyModule):
         order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))  # little padding
         batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
                    for lo in range(0, len(order), dm.batch_size * 4))
-        was_training = self.policy.training
-        self.policy.eval()
-        with self.trainer.precision_plugin.forward_context():
-            hidden, target, previous = slot_features(self.policy, batches)
-        self.policy.train(was_training)
+        if hp.item_head_fits == "context":  # the scores do not read the hidden states: no pass of the policy
+            recs = [rec for i in order for rec in samples[i].recs]
+            target = torch.tensor([rec[1] for rec in recs], dtype=torch.long)
+            previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(rec[2] or [-1]) for rec in recs],
+                                                       batch_first=True, padding_value=-1)
+            hidden = torch.zeros(len(recs), self.item_head.proj.in_features)
+        else:
+            was_training = self.policy.training
+            self.policy.eval()
+            with self.trainer.precision_plugin.forward_context():
+                hidden, target, previous = slot_features(self.policy, batches)
+            self.policy.train(was_training)
         if hp.item_links:  # which items the training split mentions together (all of it: no model pass needed)
             items, weights = ease(mention_matrix(dm.corpus(split).dialogues["turns"], index), hp.item_links_l2)
             self.item_head.set_links(*top_links(items, weights, self.item_head.num_items, hp.item_links))
         with torch.enable_grad():
+            if hp.item_head_fits == "context":
+                counts = torch.bincount(target, minlength=self.item_head.num_items).float()
+                self.item_head.bias.data.copy_(hp.item_prior * counts.log1p().to(self.item_head.bias.device))
+                self.item_head.proj.weight.data.zero_()
             losses = fit_item_head(self.item_head, hidden, target, previous,
                                    self.policy.get_output_embeddings().weight, hp.item_head_epochs, hp.item_head_lr,
+                                   trains=hp.item_head_fits,
                                    seed=self.trainer.global_step)
         seconds = time.time() - start
         self.item_head_fit = {"samples": len(target), "first_loss": losses[0], "last_loss": losses[-1],

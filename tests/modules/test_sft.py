@@ -126,6 +126,31 @@ def test_item_scores_fitted_on_the_whole_training_split(tiny_policy):
     assert after < 0.6 * before, (before, after)
 
 
+def test_item_scores_fitted_on_the_context_alone(tiny_policy, monkeypatch):
+    """``item_head_fits: context``: no pass of the policy; the map is zero, the bias is the popularity prior of the
+    training targets, and only the link weight and the mention bonus train (a dialogue's items decide the ranking)."""
+    from crslight.models import retrieval
+
+    seed_everything(0)
+    dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=60, n_items=30, batch_size=2, max_length=512)
+    module = SFTModule(model=tiny_policy, lr=1e-3, ranking_loss_weight=0.0, item_head_epochs=20, item_head_lr=5e-2,
+                       item_links=5, item_head_fits="context", item_prior=0.5)
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    monkeypatch.setattr("crslight.modules.sft.slot_features", lambda *a, **k: pytest.fail("the policy ran"))
+    trainer.fit(module, dm)
+    head = module.item_head
+    corpus = dm.corpus("train")
+    targets = torch.tensor([corpus.item_index[s.item] for s in corpus.rec_samples])
+    assert module.item_head_fit["samples"] == len(targets)
+    assert torch.equal(head.proj.weight, torch.zeros_like(head.proj.weight))
+    assert torch.allclose(head.bias, 0.5 * torch.bincount(targets, minlength=head.num_items).float().log1p())
+    assert float(head.link_weight) != 1.0 and float(head.mention_bonus) != 0.0
+    with pytest.raises(ValueError, match="trains must be 'all' or 'context'"):
+        retrieval.fit_item_head(head, torch.zeros(1, 64), targets[:1], torch.full((1, 1), -1), torch.zeros(5, 64),
+                                1, 0.1, trains="bias")
+
+
 def test_warmup_then_cosine():
     factor = warmup_cosine(warmup_steps=2, total_steps=6, min_lr_ratio=0.1, schedule="cosine")
     # warmup 1/2, 2/2; then cosine from 1 down to 0.1 over steps 2..6
