@@ -248,7 +248,8 @@ def test_length_grouped_micro_batches_give_the_same_experience(tiny_policy, tiny
     prompts = [torch.randint(10, 200, (n,)).tolist() for n in lengths]
     replies = [[100 + i, 2] for i in range(len(prompts))]
     samples = pack(prompts, replies, tiny_tokenizer.pad_token_id)
-    grouped = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=3, minibatch_size=3)
+    grouped = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=3, minibatch_size=3,
+                        group_by_length=True)
     grouped.configure_model()
     plain = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], micro_batch_size=1, minibatch_size=3,
                       group_by_length=False)
