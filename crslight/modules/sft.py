@@ -239,8 +239,6 @@ class SFTModule(PolicyModule):
         index = dm.corpus(split).item_index
         samples = [dm.encode_sft(turns, index, dm.max_length) for turns in dialogues["turns"]]
         order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))  # little padding
-        batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
-                   for lo in range(0, len(order), dm.batch_size * 4))
         if hp.item_head_fits == "context":  # the scores do not read the hidden states: no pass of the policy
             recs = [rec for i in order for rec in samples[i].recs]
             target = torch.tensor([rec[1] for rec in recs], dtype=torch.long)
@@ -248,6 +246,8 @@ class SFTModule(PolicyModule):
                                                        batch_first=True, padding_value=-1)
             hidden = torch.zeros(len(recs), self.item_head.proj.in_features)
         else:
+            batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
+                       for lo in range(0, len(order), dm.batch_size * 4))
             was_training = self.policy.training
             self.policy.eval()
             with self.trainer.precision_plugin.forward_context():
