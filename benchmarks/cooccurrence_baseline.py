@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic"])
     parser.add_argument("--root", default=None, help="the official download (not for synthetic)")
+    parser.add_argument("--catalogue", default="recommended", choices=["recommended", "entities"],
+                        help="opendialkg: the entities recommender turns mention (published convention) or all")
     parser.add_argument("--method", default="all", choices=["itemknn", "ease", "all"])
     parser.add_argument("--split", default="test", choices=["valid", "test"],
                         help="the split ranked (choose --l2 / --neighbours on valid)")
@@ -225,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
     start = time.time()
-    train, test = (load_corpus(args.dataset, args.root, split, n_eval_dialogues=args.n_eval_dialogues)
+    train, test = (load_corpus(args.dataset, args.root, split, n_eval_dialogues=args.n_eval_dialogues,
+                               catalogue=args.catalogue)
                    for split in ("train", args.split))
     methods = ["itemknn", "ease"] if args.method == "all" else [args.method]
     rows = compare(train, test, methods, args.l2, args.neighbours)
-    report = {"dataset": args.dataset, "split": args.split, "l2": args.l2, "neighbours": args.neighbours,
+    report = {"dataset": args.dataset, "split": args.split, "catalogue": args.catalogue, "l2": args.l2,
+              "neighbours": args.neighbours,
               "train_dialogues": len(train.dialogues), "items": len(test.item_index),
               "train_items": int((mention_matrix(train.dialogues["turns"], test.item_index).sum(0) > 0).sum()),
               "rows": rows, "seconds": round(time.time() - start, 1),

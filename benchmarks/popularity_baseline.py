@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic"])
     parser.add_argument("--root", default=None, help="the official download (not for synthetic)")
+    parser.add_argument("--catalogue", default="recommended", choices=["recommended", "entities"],
+                        help="opendialkg: the entities recommender turns mention (published convention) or all")
     parser.add_argument("--episodes", type=int, default=32, help="simulator episodes, as crslight test's default")
     parser.add_argument("--max-turns", type=int, default=2, help="replies per episode, as crslight test's default")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     start = time.time()
-    train, test = (load_corpus(args.dataset, args.root, split, n_eval_dialogues=args.n_eval_dialogues)
+    train, test = (load_corpus(args.dataset, args.root, split, n_eval_dialogues=args.n_eval_dialogues,
+                               catalogue=args.catalogue)
                    for split in ("train", "test"))
     metrics = popularity_ranking(train, test)
     policy = PopularityPolicy(test.catalogue, interaction_counts(train.dialogues))

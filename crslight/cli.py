@@ -37,6 +37,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     stats.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report how many")
     stats.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     stats.add_argument("--n-dialogues", type=int, default=1000, help="synthetic: train dialogues")
+    stats.add_argument("--catalogue", default="recommended", choices=["recommended", "entities"],
+                       help="opendialkg: the entities recommender turns mention (published convention) or all entities")
 
     plugins = sub.add_parser("plugins", help="list registered signals and metrics with their packages")
     plugins.add_argument("--json", action="store_true")
@@ -76,7 +78,7 @@ def run_tool(argv: list[str]) -> int:
 
         try:
             corpus = load_corpus(args.dataset, args.root, args.split, skip_bad_rows=args.skip_bad_rows,
-                                 seed=args.seed, n_dialogues=args.n_dialogues)
+                                 seed=args.seed, n_dialogues=args.n_dialogues, catalogue=args.catalogue)
         except DataError as e:
             print(f"crslight data stats: {e}", file=sys.stderr)
             return 2

@@ -102,6 +102,7 @@ def load_corpus(
     n_dialogues: int = 1000,
     n_items: int = 400,
     n_eval_dialogues: int | None = None,
+    catalogue: str = "recommended",
 ) -> Corpus:
     """Loads one split of a source in the canonical schema.
 
@@ -116,11 +117,16 @@ def load_corpus(
         n_items: synthetic only: catalogue size.
         n_eval_dialogues: synthetic only: dialogues in the valid and in the test split (default: a fifth of
             ``n_dialogues``).
+        catalogue: OpenDialKG only: ``recommended`` (the entities that recommender turns mention, the convention of
+            published results) or ``entities`` (all 100,812 entities of the entity list).
     """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(SOURCES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if name == "opendialkg" and catalogue not in opendialkg.CATALOGUES:
+        raise ValueError(f"unknown OpenDialKG catalogue {catalogue!r}: expected one of "
+                         f"{', '.join(opendialkg.CATALOGUES)}")
     report = LoadReport()
     if name == "synthetic":
         n_eval = n_eval_dialogues or max(1, n_dialogues // 5)
@@ -137,12 +143,15 @@ def load_corpus(
         module = redial if name == "redial" else opendialkg
         root = require_files(root, module.FILES, name)
 
+        options = {"catalogue_of": catalogue} if name == "opendialkg" else {}
+
         def build():
-            splits, catalogue = module.load_splits(root, report, skip_bad_rows)
-            return _to_datasets(splits, catalogue), {"bad_rows": report.bad_rows, "unknown_items": report.unknown_items,
+            splits, items = module.load_splits(root, report, skip_bad_rows, **options)
+            return _to_datasets(splits, items), {"bad_rows": report.bad_rows, "unknown_items": report.unknown_items,
                                                       "errors": report.errors}
 
-        key = cache_key([root / f for f in module.FILES], version=CONVERTER_VERSION, skip_bad_rows=skip_bad_rows)
+        key = cache_key([root / f for f in module.FILES], version=CONVERTER_VERSION, skip_bad_rows=skip_bad_rows,
+                        **options)
     data, meta = cached(name, key, build, enabled=cache)
     report = LoadReport(meta.get("bad_rows", 0), meta.get("unknown_items", 0), meta.get("errors", []))
     if report.bad_rows:

@@ -273,9 +273,22 @@ class ReDial(CRSDataModule):
 
 
 class OpenDialKG(CRSDataModule):
-    """OpenDialKG (Moon et al., ACL 2019) from the official ``data/`` folder in ``root``."""
+    """OpenDialKG (Moon et al., ACL 2019) from the official ``data/`` folder in ``root``.
+
+    Args:
+        catalogue: ``recommended`` (the entities that recommender turns mention: the convention of published results,
+            UniCRS and iEvaLM) or ``entities`` (all 100,812 entities of the entity list).
+        **kwargs: see :class:`CRSDataModule`.
+    """
 
     source = "opendialkg"
+
+    def __init__(self, catalogue: Literal["recommended", "entities"] = "recommended", **kwargs):
+        super().__init__(**kwargs)
+        self.catalogue = catalogue
+
+    def corpus_options(self) -> dict:
+        return {"catalogue": self.catalogue}
 
 
 class Synthetic(CRSDataModule):

@@ -16,7 +16,10 @@ Conversion rules:
 - There is no split column. The split is a hash of the dialogue's ``Messages`` text: ``crc32 % 10 == 0`` → test,
   ``== 1`` → valid, otherwise train (about 80/10/10). It does not depend on row order or on the subset held.
 - ``dialogue_id`` is ``odkg-<row>`` (1-based CSV record number, header excluded).
-- The catalogue is the entity list; an entity's ``popularity`` is its degree in the triples file.
+- The catalogue (``catalogue``): ``recommended`` (the default) is the convention of the published OpenDialKG results
+  (UniCRS, iEvaLM): the entities that recommender turns mention, in any split, a few thousand; the other entities
+  leave the turns' items (the text still names them). ``entities`` is the whole entity list (100,812 names). An
+  entity's ``popularity`` is its degree in the triples file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ FILES = ["opendialkg.csv", "opendialkg_entities.txt", "opendialkg_relations.txt"
 ROLES = {"user": SEEKER, "assistant": RECOMMENDER}
 META = "meta_thread/send_meta_message"
 WALK = "kgwalk/choose_path"
+#: ``recommended``: entities that recommender turns mention (the published convention); ``entities``: all of them.
+CATALOGUES = ("recommended", "entities")
 
 
 def read_catalogue(root: Path) -> list[dict]:
@@ -134,7 +139,10 @@ def split_of(messages_cell: str) -> str:
     return "test" if bucket == 0 else "valid" if bucket == 1 else "train"
 
 
-def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool) -> tuple[dict[str, list[dict]], list[dict]]:
+def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool,
+                catalogue_of: str = "recommended") -> tuple[dict[str, list[dict]], list[dict]]:
+    if catalogue_of not in CATALOGUES:
+        raise ValueError(f"unknown OpenDialKG catalogue {catalogue_of!r}: expected one of {', '.join(CATALOGUES)}")
     catalogue = read_catalogue(root)
     entities = {row["item_id"] for row in catalogue}
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
@@ -154,4 +162,18 @@ def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool) -> tuple[di
                 report.skip(e)
                 continue
             splits[split_of(row[0])].append(dialogue)
+    if catalogue_of == "recommended":
+        splits, catalogue = recommended_only(splits, catalogue)
     return splits, catalogue
+
+
+def recommended_only(splits: dict[str, list[dict]], catalogue: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The catalogue cut to the entities that recommender turns mention (any split), in entity-list order; every
+    turn keeps only those items."""
+    keep = {i for dialogues in splits.values() for d in dialogues for t in d["turns"] if t["role"] == RECOMMENDER
+            for i in t["items"]}
+    for dialogues in splits.values():
+        for d in dialogues:
+            for t in d["turns"]:
+                t["items"] = [i for i in t["items"] if i in keep]
+    return splits, [row for row in catalogue if row["item_id"] in keep]

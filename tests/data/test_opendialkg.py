@@ -5,7 +5,8 @@ import pytest
 
 from crslight.data import DataError, load_corpus
 from crslight.data.errors import LoadReport
-from crslight.data.opendialkg import convert_row, split_of
+from crslight.data.opendialkg import convert_row, recommended_only, split_of
+from crslight.data.schema import turn
 
 
 def test_row_conversion_rules():
@@ -30,10 +31,34 @@ def test_row_conversion_rules():
 
 
 def test_all_real_dialogues_load_without_errors(opendialkg_root):
-    counts = {s: load_corpus("opendialkg", opendialkg_root, s).stats() for s in ("train", "valid", "test")}
+    counts = {s: load_corpus("opendialkg", opendialkg_root, s, catalogue="entities").stats()
+              for s in ("train", "valid", "test")}
     assert sum(c["dialogues"] for c in counts.values()) == 3711
     assert all(c["bad_rows"] == 0 for c in counts.values())
     assert counts["test"]["rec_samples"] > 400 and counts["test"]["items"] > 100_000
+
+
+def test_recommended_catalogue_keeps_the_entities_recommender_turns_mention():
+    splits = {"train": [{"turns": [turn("seeker", "I loved Dune", ["Dune"]),
+                                   turn("recommender", "Try Hyperion by Dan Simmons", ["Hyperion", "Dan Simmons"])]}],
+              "valid": [], "test": [{"turns": [turn("seeker", "Any Herbert?", ["Frank Herbert"]),
+                                               turn("recommender", "Dune", ["Dune"])]}]}
+    catalogue = [{"item_id": n} for n in ("Frank Herbert", "Hyperion", "Dune", "Dan Simmons", "Ilium")]
+    splits, kept = recommended_only(splits, catalogue)
+    assert [row["item_id"] for row in kept] == ["Hyperion", "Dune", "Dan Simmons"]  # entity-list order
+    assert splits["train"][0]["turns"][0]["items"] == ["Dune"]  # recommended in the test split
+    assert splits["test"][0]["turns"][0]["items"] == []  # Frank Herbert is never recommended
+
+
+def test_published_catalogue_is_the_default_on_the_real_data(opendialkg_root):
+    train = load_corpus("opendialkg", opendialkg_root, "train")
+    test = load_corpus("opendialkg", opendialkg_root, "test")
+    assert 1_000 < len(train.catalogue) < 20_000
+    recommended = {i for ts in test.dialogues["turns"] for t in ts if t["role"] == "recommender" for i in t["items"]}
+    assert recommended <= set(test.item_index)
+    assert all(i in test.item_index for ts in test.dialogues["turns"] for t in ts for i in t["items"])
+    with pytest.raises(ValueError, match="unknown OpenDialKG catalogue 'all'"):
+        load_corpus("opendialkg", opendialkg_root, "test", catalogue="all")
 
 
 def test_split_is_a_hash_of_the_content():
