@@ -141,8 +141,7 @@ def split_of(messages_cell: str) -> str:
 
 def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool,
                 catalogue_of: str = "recommended") -> tuple[dict[str, list[dict]], list[dict]]:
-    if catalogue_of not in CATALOGUES:
-        raise ValueError(f"unknown OpenDialKG catalogue {catalogue_of!r}: expected one of {', '.join(CATALOGUES)}")
+    """The three splits and the catalogue; ``catalogue_of`` is one of :data:`CATALOGUES` (``load_corpus`` checks)."""
     catalogue = read_catalogue(root)
     entities = {row["item_id"] for row in catalogue}
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
