@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from crslight.data.corpus import Corpus, load_corpus
 from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
-from crslight.data.schema import RECOMMENDER, rec_samples_of
+from crslight.data.schema import RECOMMENDER, context_lines, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 
 IGNORE_INDEX = -100
@@ -43,6 +43,7 @@ class SFTBatch(NamedTuple):
         rec_target: ``(n,)`` the catalogue row of the item the turn mentions.
         rec_previous: ``(n, m)`` catalogue rows of items mentioned earlier in the dialogue, ``-1``-padded (for the
             protocol variant that excludes them).
+        rec_context: per sample, ``"role: text"`` of each turn before it (:func:`~crslight.data.schema.context_lines`): what item scores with a text part read.
     """
 
     input_ids: torch.Tensor
@@ -52,6 +53,7 @@ class SFTBatch(NamedTuple):
     rec_position: torch.Tensor | None = None
     rec_target: torch.Tensor | None = None
     rec_previous: torch.Tensor | None = None
+    rec_context: list[list[str]] | None = None
 
 
 class PromptBatch(NamedTuple):
@@ -73,7 +75,7 @@ class PromptBatch(NamedTuple):
 class DialogueSample(NamedTuple):
     ids: list[int]
     labels: list[int]
-    recs: list[tuple[int, int, list[int]]]  # (position, target, previous) per recommendation sample
+    recs: list[tuple[int, int, list[int], list[str]]]  # (position, target, previous, context) per recommendation
 
 
 class PromptSample(NamedTuple):
@@ -203,19 +205,21 @@ class CRSDataModule(LightningDataModule):
 
     def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None,
                    first_slot: bool = False) -> DialogueSample:
-        """Token ids, labels, and ``(position, target, previous)`` per recommendation sample within ``max_length``
-        (None: the whole dialogue); the position is the item's slot, or with ``first_slot`` the turn's first slot
-        (see :class:`SFTBatch`)."""
+        """Token ids, labels, and ``(position, target, previous, context lines)`` per recommendation sample within
+        ``max_length`` (None: the whole dialogue); the position is the item's slot, or with ``first_slot`` the turn's
+        first slot (see :class:`SFTBatch`)."""
         enc = encode_dialogue(self.tokenizer, turns, self.system_prompt, self.item_names)
         ids = enc.input_ids[:max_length]
         labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc.loss_mask, strict=False)]
         recs = []
+        lines = context_lines(turns)
         for s in rec_samples_of(0, turns):
             slots = enc.slots[s.turn]
             own = [p for p, item in slots if item == s.item]
             position = (slots[0][0] if first_slot and slots else own[0] if own else enc.turn_starts[s.turn] - 1)
             if s.item in item_index and position < len(ids):
-                recs.append((position, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index]))
+                recs.append((position, item_index[s.item], [item_index[i] for i in s.previous_items if i in item_index],
+                             lines[: s.turn]))
         return DialogueSample(ids, labels, recs)
 
     def encode_prompt(self, turns: list[dict]) -> list[int]:
@@ -240,6 +244,7 @@ class CRSDataModule(LightningDataModule):
                 rec_position=torch.tensor([r[1] for r in recs]),
                 rec_target=torch.tensor([r[2] for r in recs]),
                 rec_previous=pad([r[3] or [-1] for r in recs], -1),
+                rec_context=[r[4] for r in recs],
             )
         ids = pad([s[0] for s in samples], self.pad_id, left=True)
         mask = pad([[1] * len(s[0]) for s in samples], 0, left=True)

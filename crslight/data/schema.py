@@ -96,6 +96,11 @@ class RecSample:
         return self.item not in self.previous_items
 
 
+def context_lines(turns: list[dict]) -> list[str]:
+    """``"role: text"`` per turn of a dialogue context: what item scores with a text part read (the last few)."""
+    return [f"{turn['role']}: {turn['text']}" for turn in turns]
+
+
 def rec_samples_of(dialogue_index: int, turns: list[dict]) -> list[RecSample]:
     """The recommendation samples of one dialogue, in turn order (first recommender turn excluded only if it has no items)."""
     out: list[RecSample] = []

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaModel
 
+from crslight.data.schema import context_lines
 from crslight.data.tokenize import ITEM_TOKEN, title_text
 from crslight.models.heads import position_ids_from_attention_mask
 from crslight.models.retrieval import ItemHead, decoder_of
@@ -72,6 +73,7 @@ class Generation:
             earlier slot of the reply); the item scores read them too.
         alternatives: per slot, further items drawn from the same distribution at the same state (``item_alternatives``
             of the engine; empty otherwise): what PPO shows the same user instead, to compare items in one state.
+        text: the context's embedding the item scores read (``(d,)``, CPU), when they read text.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -79,6 +81,7 @@ class Generation:
     slots: list[tuple[int, int]] = field(default_factory=list)
     excluded: list[list[int]] = field(default_factory=list)
     alternatives: list[list[int]] = field(default_factory=list)
+    text: torch.Tensor | None = None
 
     @property
     def items(self) -> list[int]:
@@ -157,11 +160,11 @@ class Engine:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
-    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor,
-                    generator: torch.Generator | None) -> list[list[int]]:
+    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None,
+                    text: torch.Tensor | None = None) -> list[list[int]]:
         """Per row, the item drawn, then ``item_alternatives`` more from the same distribution."""
         logp = self.item_head.log_probs(hidden, self.decoding_model().get_output_embeddings().weight, previous,
-                                        self.item_temperature)
+                                        self.item_temperature, text)
         if self.greedy_items:
             return logp.argmax(-1)[:, None].tolist()
         return torch.multinomial(logp.exp(), 1 + self.item_alternatives, replacement=True,
@@ -169,7 +172,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], exclude: list[list[int]] | None = None,
-                 generator: torch.Generator | None = None) -> list[Generation]:
+                 generator: torch.Generator | None = None, contexts: list[list[str]] | None = None) -> list[Generation]:
         """Decodes one reply per prompt.
 
         Args:
@@ -177,10 +180,17 @@ class Engine:
             exclude: per prompt, catalogue rows mentioned in its context: the item scores read them (co-mentioned
                 items) and the draw skips them.
             generator: the random generator of every draw (None: torch's global one).
+            contexts: per prompt, its turns as :func:`~crslight.data.schema.context_lines`: needed when the item
+                scores read the context's words.
         """
         b = len(prompts)
         device = next(self.model.parameters()).device
-        out = [Generation() for _ in range(b)]
+        text = None
+        if self.item_head is not None and self.item_head.reads_text:
+            if contexts is None or len(contexts) != b:
+                raise ValueError("these item scores read the context's words: pass contexts, one per prompt")
+            text = self.item_head.encode_contexts(contexts).float().cpu()
+        out = [Generation(text=None if text is None else text[i]) for i in range(b)]
         mentioned = [list(exclude[i]) if exclude else [] for i in range(b)]  # grows with each item drawn
         if b == 0:
             return out
@@ -211,7 +221,8 @@ class Engine:
                 rows = [active[k] for k in drawing]
                 previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(mentioned[i] or [-1]) for i in rows],
                                                            batch_first=True, padding_value=-1).to(device)
-                draws = self._draw_items(hidden[index], previous, generator)
+                draws = self._draw_items(hidden[index], previous, generator,
+                                         None if text is None else text[rows].to(device))
                 for i, (item, *alternatives) in zip(rows, draws, strict=True):
                     out[i].slots.append((len(out[i].tokens) - 1, item))
                     out[i].excluded.append(list(mentioned[i]))
@@ -288,7 +299,9 @@ class EnginePolicy:
             generator = torch.Generator(device=next(self.engine.model.parameters()).device)
             generator.manual_seed(self.seed + self.n_calls)
         self.n_calls += 1
-        generations = self.engine.generate(prompts, exclude, generator)
+        head = getattr(self.engine, "item_head", None)
+        lines = [context_lines(c) for c in contexts] if head is not None and head.reads_text else None
+        generations = self.engine.generate(prompts, exclude, generator, lines)
         replies = [self.reply(g) for g in generations]
         if self.record:
             self.calls.append(list(zip(prompts, generations, replies, strict=True)))

@@ -19,15 +19,30 @@ embeddings) and so changes the ranking. Items never mentioned in training still 
 title table follows the live LM-head weights (an ``embedding_bag`` per call, no copy).
 
 Cost: one forward pass per dialogue (every recommender turn read from it) plus one ``(n, h) × (h, n_items)`` matmul.
+
+**The context's words.** A head built with ``text_turns > 0`` also reads the last ``text_turns`` turns of the dialogue
+as text: a sentence encoder (MiniLM by default, :mod:`crslight.metrics.encoder`) embeds them as ``t`` and each item
+has a vector ``v_i`` of the same size, initialised from the encoder's embedding of its title, so a title that the
+seeker's words resemble scores high before any training::
+
+    score_i += s · <t, v_i>
+
+The text is what reaches the items no training dialogue mentions (about 15% of ReDial's test targets): their ids have
+no co-mentions, their titles still have words. :func:`fit_text_scores` fits ``v`` and ``s`` alone on the training
+split's samples; :func:`choose_text_weight` then scales ``s`` by the weight of the text beside the other scores that
+ranks a held-out split best.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from crslight.metrics.ranking import target_ranks
 
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 
@@ -68,9 +83,16 @@ class ItemHead(nn.Module):
         hidden_size: the policy's hidden size.
         title_ids: flattened title token ids (:func:`title_token_ids`).
         title_offsets: start of each title in ``title_ids``; its length is the catalogue size.
+        links: co-mentioned items kept per item (:meth:`set_links`).
+        text_items: ``(n_items, d)`` initial item vectors of the text part (the sentence encoder's title embeddings);
+            None: no text part.
+        text_turns: how many of the context's last turns the text part reads.
+        text_model: the sentence encoder that embeds them (``minilm`` or a local sentence-transformers folder); not
+            saved with the weights: whoever loads the head sets it (:attr:`text_model`).
     """
 
-    def __init__(self, hidden_size: int, title_ids: torch.Tensor, title_offsets: torch.Tensor, links: int = 0):
+    def __init__(self, hidden_size: int, title_ids: torch.Tensor, title_offsets: torch.Tensor, links: int = 0,
+                 text_items: torch.Tensor | None = None, text_turns: int = 3, text_model: str = "minilm"):
         super().__init__()
         n = len(title_offsets)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -84,16 +106,23 @@ class ItemHead(nn.Module):
         self.register_buffer("title_offsets", title_offsets)
         self.register_buffer("link_index", torch.full((n, links), -1, dtype=torch.long))
         self.register_buffer("link_value", torch.zeros(n, links))
+        self.text_items = None if text_items is None else nn.Parameter(text_items.detach().float().clone())
+        self.text_scale = None if text_items is None else nn.Parameter(torch.ones(()))
+        self.register_buffer("text_turns", torch.tensor(text_turns if text_items is not None else 0))
+        self.text_model = text_model
+        self._encoder = None
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> ItemHead:
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "", text_model: str = "minilm") -> ItemHead:
         """A head shaped like the one that wrote ``state`` (keys under ``prefix``), with its weights."""
         links = state[prefix + "link_index"].shape[1] if prefix + "link_index" in state else 0
+        text = state.get(prefix + "text_items")
+        turns = int(state[prefix + "text_turns"]) if prefix + "text_turns" in state else 0
         head = cls(state[prefix + "proj.weight"].shape[0], state[prefix + "title_ids"], state[prefix + "title_offsets"],
-                   links)
+                   links, text, turns, text_model)
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         missing = head.load_state_dict(own, strict=False).missing_keys
-        if set(missing) - {"link_weight", "mention_bonus", "link_index", "link_value"}:  # older heads had no links
+        if set(missing) - {"link_weight", "mention_bonus", "link_index", "link_value", "text_turns"}:  # older heads
             raise RuntimeError(f"item head state lacks {sorted(missing)}")
         return head
 
@@ -119,20 +148,54 @@ class ItemHead(nn.Module):
 
     @classmethod
     def for_catalogue(cls, policy: nn.Module, tokenizer, names: list[str],
-                      attributes: list[str | None] | None = None) -> ItemHead:
-        return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names, attributes))
+                      attributes: list[str | None] | None = None, links: int = 0, text_turns: int = 0,
+                      text_model: str = "minilm") -> ItemHead:
+        """A head over a catalogue's ``names`` (and ``attributes``); with ``text_turns > 0`` a text part whose item
+        vectors start as ``text_model``'s embeddings of the titles (years dropped) and their attribute words."""
+        text_items = None
+        if text_turns > 0:
+            from crslight.metrics.encoder import SentenceEncoder
+
+            attributes = attributes or [None] * len(names)
+            texts = [" ".join(filter(None, [_YEAR.sub("", name).strip() or name, attribute_words(attrs)]))
+                     for name, attrs in zip(names, attributes, strict=True)]
+            text_items = SentenceEncoder(text_model, cache_size=0).encode(texts)
+        return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names, attributes), links, text_items,
+                   text_turns, text_model)
 
     @property
     def num_items(self) -> int:
         return len(self.title_offsets)
 
+    @property
+    def reads_text(self) -> bool:
+        """Whether the scores read the context's words (a text part)."""
+        return self.text_items is not None
+
+    def encode_contexts(self, contexts: list[list[str]]) -> torch.Tensor | None:
+        """``(n, d)`` embeddings of the last ``text_turns`` of each context (:func:`~crslight.data.schema.context_lines` of its turns), on
+        the head's device; None when the head has no text part."""
+        if not self.reads_text:
+            return None
+        if self._encoder is None or self._encoder.model != self.text_model:
+            from crslight.metrics.encoder import SentenceEncoder
+
+            self._encoder = SentenceEncoder(self.text_model)
+        turns = int(self.text_turns)
+        texts = [" ".join(lines[-turns:]) if lines else "" for lines in contexts]
+        return self._encoder.encode(texts).to(self.text_items.device)
+
+    def text_scores(self, text: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` context embeddings → ``(n, n_items)``: ``text_scale · <t, v_i>``."""
+        return self.text_scale * (text.to(self.text_items.dtype) @ self.text_items.T)
+
     def log_probs(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, previous: torch.Tensor | None = None,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, text: torch.Tensor | None = None) -> torch.Tensor:
         """The recommendation distribution at slot states: ``(n, h)`` → ``(n, n_items)`` float32 log-probabilities of
         ``scores / temperature``; the items in ``previous`` (``(n, m)`` ``-1``-padded rows: mentioned in the
         dialogue) inform the scores and get probability 0 (a recommendation names something new, unless nothing new
-        is left)."""
-        scores = self(hidden, output_embeddings, previous).float() / temperature
+        is left); ``text``: the contexts' embeddings (:meth:`encode_contexts`) when the head reads text."""
+        scores = self(hidden, output_embeddings, previous, text).float() / temperature
         if previous is not None:
             mask = previous_mask(previous, self.num_items)
             mask &= ~mask.all(-1, keepdim=True)  # a dialogue that mentioned every item may name one again
@@ -144,12 +207,18 @@ class ItemHead(nn.Module):
         return F.embedding_bag(self.title_ids, output_embeddings, self.title_offsets, mode="mean")
 
     def forward(self, hidden: torch.Tensor, output_embeddings: torch.Tensor,
-                previous: torch.Tensor | None = None) -> torch.Tensor:
-        """``(n, h)`` hidden states (and ``(n, m)`` rows mentioned before, ``-1``-padded) → ``(n, n_items)`` scores."""
+                previous: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, h)`` hidden states (and ``(n, m)`` rows mentioned before, ``-1``-padded; ``(n, d)`` context
+        embeddings, required when the head reads text) → ``(n, n_items)`` scores."""
         table = self.item_table(output_embeddings).to(hidden.dtype)
         scores = self.proj(hidden) @ table.T + self.bias.to(hidden.dtype)
         if previous is not None:
             scores = scores + self.context_scores(previous).to(scores.dtype)
+        if self.reads_text:
+            if text is None or len(text) != len(hidden):
+                raise ValueError("these item scores read the context's words: pass one text embedding per hidden state "
+                                 "(ItemHead.encode_contexts)")
+            scores = scores + self.text_scores(text).to(scores.dtype)
         return scores
 
 
@@ -165,7 +234,7 @@ def turn_hidden_states(
 def rank_scores(policy: nn.Module, head: ItemHead, batch) -> torch.Tensor:
     """Catalogue scores ``(n, n_items)`` for every recommendation sample of an ``SFTBatch``."""
     hidden = turn_hidden_states(policy, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
-    return head(hidden, policy.get_output_embeddings().weight, batch.rec_previous)
+    return head(hidden, policy.get_output_embeddings().weight, batch.rec_previous, head.encode_contexts(batch.rec_context))
 
 
 def previous_mask(previous: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -180,62 +249,174 @@ def retrieval_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores.float(), target)
 
 
-@torch.no_grad()
-def slot_features(policy: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The policy's hidden states at every recommendation sample of ``batches`` (``SFTBatch``-like: ``input_ids``,
-    ``attention_mask``, ``rec_row``, ``rec_position``, ``rec_target``, ``rec_previous``), for fitting the item scores.
+class SlotData(NamedTuple):
+    """Recommendation samples as the item scores read them: the policy's hidden state at each slot ``(n, h)`` float32
+    (zeros when the scores do not read it), the target rows ``(n,)``, the rows mentioned before ``(n, m)``
+    (``-1``-padded) and the context embeddings ``(n, d)`` (None without a text part)."""
 
-    Returns:
-        ``(hidden (n, h) float32, target (n,), previous (n, m))``, ``previous`` ``-1``-padded.
-    """
-    device = next(policy.parameters()).device
-    hidden, target, previous = [], [], []
+    hidden: torch.Tensor
+    target: torch.Tensor
+    previous: torch.Tensor
+    text: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def slot_features(policy: nn.Module | None, batches, head: ItemHead, hidden_size: int = 0) -> SlotData:
+    """Every recommendation sample of ``batches`` (``SFTBatch``-like: ``input_ids``, ``attention_mask``, ``rec_row``,
+    ``rec_position``, ``rec_target``, ``rec_previous``, ``rec_context``) for fitting ``head``: with ``policy`` None the
+    policy does not run and the hidden states are zeros of ``hidden_size``."""
+    device = next(policy.parameters()).device if policy is not None else torch.device("cpu")
+    hidden, target, previous, contexts = [], [], [], []
     for batch in batches:
-        if batch.rec_row is not None:
+        if batch.rec_row is None:
+            continue
+        if policy is not None:
             h = turn_hidden_states(policy, batch.input_ids.to(device), batch.attention_mask.to(device),
                                    batch.rec_row.to(device), batch.rec_position.to(device))
             hidden.append(h.float().cpu())
-            target.append(batch.rec_target.cpu())
-            previous.extend(batch.rec_previous.cpu())
+        else:
+            hidden.append(torch.zeros(len(batch.rec_target), hidden_size))
+        target.append(batch.rec_target.cpu())
+        previous.extend(batch.rec_previous.cpu())
+        contexts.extend(batch.rec_context or [[] for _ in batch.rec_target])
     if not hidden:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.full((0, 1), -1, dtype=torch.long)
+        return SlotData(torch.zeros(0, hidden_size), torch.zeros(0, dtype=torch.long),
+                        torch.full((0, 1), -1, dtype=torch.long))
     previous = torch.nn.utils.rnn.pad_sequence(previous, batch_first=True, padding_value=-1)
-    return torch.cat(hidden), torch.cat(target), previous
+    text = head.encode_contexts(contexts)
+    return SlotData(torch.cat(hidden), torch.cat(target), previous, None if text is None else text.cpu())
 
 
-def fit_item_head(head: ItemHead, hidden: torch.Tensor, target: torch.Tensor, previous: torch.Tensor,
-                  output_embeddings: torch.Tensor, epochs: int, lr: float, batch_size: int = 256,
-                  weight_decay: float = 0.0, seed: int = 0, trains: str = "all") -> list[float]:
-    """Trains ``head`` on cached slot states: AdamW on the catalogue cross-entropy, the title table fixed
-    (``output_embeddings`` detached); ``trains`` is ``all`` (its map, per-item bias and context weights) or
-    ``context`` (the link weight and the mention bonus alone). Seeded, so every DDP rank fits the same head. Returns
-    the mean loss of each epoch.
+def _text_parameters(head: ItemHead) -> set[int]:
+    return {id(p) for p in (head.text_items, head.text_scale) if p is not None}
+
+
+def fit_item_head(head: ItemHead, data: SlotData, output_embeddings: torch.Tensor, epochs: int, lr: float,
+                  batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0, trains: str = "all") -> list[float]:
+    """Trains ``head`` on cached samples (:func:`slot_features`): AdamW on the catalogue cross-entropy, the title
+    table fixed (``output_embeddings`` detached); ``trains`` is ``all`` (its map, per-item bias and context weights)
+    or ``context`` (the link weight and the mention bonus alone). The text part, if any, is not trained here
+    (:func:`fit_text_scores`). Seeded, so every DDP rank fits the same head. Returns the mean loss of each epoch.
 
     An epoch over a whole training split costs one ``(n, h) x (h, n_items)`` matmul: seconds, where each SFT step runs
     the whole language model for a few dialogues.
     """
     if trains not in ("all", "context"):
         raise ValueError(f"trains must be 'all' or 'context', got {trains!r}")
-    params = [p for p in head.parameters() if p.requires_grad] if trains == "all" else [head.link_weight,
-                                                                                         head.mention_bonus]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    text_params = _text_parameters(head)
+    params = ([p for p in head.parameters() if p.requires_grad and id(p) not in text_params] if trains == "all"
+              else [head.link_weight, head.mention_bonus])
     device = head.bias.device
     table_source = output_embeddings.detach().float().to(device)
-    hidden, target, previous = hidden.to(device), target.to(device), previous.to(device)
+    hidden, previous = data.hidden.to(device), data.previous.to(device)
+    text = data.text.to(device) if data.text is not None else None
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        return retrieval_loss(head(hidden[rows], table_source, previous[rows],
+                                   text[rows] if text is not None else None), data.target.to(device)[rows])
+
+    return _adamw_epochs(params, loss_of, len(data.target), epochs, lr, batch_size, weight_decay, seed, device)
+
+
+def fit_text_scores(head: ItemHead, data: SlotData, epochs: int, lr: float = 5e-2, item_lr: float = 1e-3,
+                    batch_size: int = 256, seed: int = 0) -> list[float]:
+    """Trains the text part alone (:meth:`ItemHead.text_scores` as the whole score): its scale at ``lr``, the item
+    vectors at ``item_lr`` (they start at the titles' embeddings and should not wander far on a small split). Returns
+    the mean loss of each epoch."""
+    if not head.reads_text or data.text is None:
+        raise ValueError("fit_text_scores needs a head with a text part and the samples' context embeddings")
+    device = head.text_items.device
+    text, target = data.text.to(device), data.target.to(device)
+    groups = [{"params": [head.text_scale], "lr": lr}, {"params": [head.text_items], "lr": item_lr}]
+    return _adamw_epochs(groups, lambda rows: retrieval_loss(head.text_scores(text[rows]), target[rows]),
+                         len(target), epochs, lr, batch_size, 0.0, seed, device)
+
+
+def _adamw_epochs(params, loss_of, n: int, epochs: int, lr: float, batch_size: int, weight_decay: float, seed: int,
+                  device) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(epochs):
-        order = torch.randperm(len(target), generator=generator).to(device)
+        order = torch.randperm(n, generator=generator).to(device)
         total = 0.0
-        for lo in range(0, len(order), batch_size):
+        for lo in range(0, n, batch_size):
             rows = order[lo : lo + batch_size]
-            loss = retrieval_loss(head(hidden[rows], table_source, previous[rows]), target[rows])
+            loss = loss_of(rows)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(rows)
-        losses.append(total / max(1, len(target)))
+            total += float(loss.detach()) * len(rows)
+        losses.append(total / max(1, n))
     return losses
+
+
+#: the weights of the text part beside the other scores that :func:`choose_text_weight` tries
+TEXT_WEIGHTS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+@torch.no_grad()
+def choose_text_weight(head: ItemHead, data: SlotData, output_embeddings: torch.Tensor,
+                       weights: tuple[float, ...] = TEXT_WEIGHTS, ks: tuple[int, ...] = (1, 10, 50)
+                       ) -> tuple[float, dict[float, float]]:
+    """Scales the fitted text part by the weight (of ``weights``) whose scores rank ``data`` (a held-out split) best:
+    the highest sum of Recall@k over ``ks`` (the whole catalogue ranked, ties pessimistic, as the test protocol ranks
+    it: :func:`~crslight.metrics.ranking.target_ranks`), the smaller
+    weight on a tie, the other scores as they are. Returns ``(weight, {weight: that sum})``.
+
+    Recall, not the cross-entropy: on ReDial the cross-entropy asks for six times the weight that ranks best (the
+    text part is confident on the few samples it knows and flat elsewhere), and the ranking is what is measured."""
+    device = head.bias.device
+    scale = head.text_scale.detach().clone()
+    head.text_scale.zero_()
+    table = output_embeddings.detach().float().to(device)
+    rest, text_part = [], []
+    for lo in range(0, len(data.target), 512):
+        rows = slice(lo, lo + 512)
+        text = data.text[rows].to(device)
+        rest.append(head(data.hidden[rows].to(device), table, data.previous[rows].to(device), text).float())
+        text_part.append((scale * (text @ head.text_items.T)).float())
+    rest, text_part, target = torch.cat(rest), torch.cat(text_part), data.target.to(device)
+
+    def recall_sum(weight: float) -> float:
+        rank = target_ranks(rest + weight * text_part, target)
+        return sum(float((rank <= k).float().mean()) for k in ks)
+
+    found = {w: recall_sum(w) for w in weights}
+    best = max(sorted(found), key=lambda w: found[w])  # max keeps the first of equals: the smallest weight
+    head.text_scale.copy_(scale * best)
+    return best, found
+
+
+def fit_item_scores(head: ItemHead, train: SlotData, valid: SlotData | None, output_embeddings: torch.Tensor,
+                    epochs: int, lr: float, trains: str = "all", prior: float = 0.0, text_epochs: int = 8,
+                    seed: int = 0) -> dict[str, float]:
+    """The whole fit of the item scores on cached samples, in order: the text part alone (``text_epochs``, when the
+    head has one); the rest with the text part switched off (:func:`fit_item_head`; with ``trains: context`` the map
+    is zeroed and the bias set to ``prior`` times the log of one plus each item's count among the training targets);
+    then the text part's weight beside the rest, chosen on ``valid`` (the training samples when None). Returns what
+    happened: losses, the text weight and the held-out sum of Recall@1, @10 and @50 with and without the text."""
+    out: dict[str, float] = {"samples": len(train.target)}
+    text_scale = None
+    if head.reads_text:
+        text_losses = fit_text_scores(head, train, text_epochs, seed=seed)
+        if text_losses:
+            out.update(text_first_loss=text_losses[0], text_last_loss=text_losses[-1])
+        text_scale = head.text_scale.detach().clone()
+        head.text_scale.data.zero_()
+    if trains == "context":
+        counts = torch.bincount(train.target, minlength=head.num_items).float()
+        head.bias.data.copy_(prior * counts.log1p().to(head.bias.device))
+        head.proj.weight.data.zero_()
+    losses = fit_item_head(head, train, output_embeddings, epochs, lr, trains=trains, seed=seed)
+    out.update(first_loss=losses[0], last_loss=losses[-1])
+    if text_scale is not None:
+        head.text_scale.data.copy_(text_scale)
+        held_out = valid if valid is not None and len(valid.target) else train
+        weight, found = choose_text_weight(head, held_out, output_embeddings)
+        out.update(text_weight=weight, held_out_recall=found[weight], held_out_recall_without_text=found[0.0],
+                   held_out_samples=len(held_out.target))
+    return out
 
 
 ITEM_SCORES_FILE = "item_scores.safetensors"

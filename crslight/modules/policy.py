@@ -149,6 +149,10 @@ class PolicyModule(LightningModule):
         lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         trust_remote_code: Allow custom modelling code from the model folder.
+        item_text_turns: A new item head (none carried over from ``init_from``) gets a text part reading the
+            context's last ``item_text_turns`` turns (0: none; :mod:`crslight.models.retrieval`).
+        item_text_model: The sentence encoder of the item scores' text part: ``minilm`` or a local
+            sentence-transformers folder (the one the head was fitted with).
     """
 
     trains_item_head = False
@@ -165,6 +169,8 @@ class PolicyModule(LightningModule):
         lora_target_modules: list[str] | str | None = "all-linear",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        item_text_turns: int = 0,
+        item_text_model: str = "minilm",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -219,9 +225,17 @@ class PolicyModule(LightningModule):
         if self.item_head is None:
             if catalogue is not None:  # the item scores over the DataModule's catalogue (crslight.models.retrieval)
                 attributes = catalogue["attributes"] if "attributes" in catalogue.column_names else None
-                self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, catalogue["name"], attributes)
+                self.item_head = ItemHead.for_catalogue(policy, self.tokenizer, catalogue["name"], attributes,
+                                                        text_turns=self.hparams.get("item_text_turns", 0),
+                                                        text_model=self.text_model)
         if self.item_head is not None:
+            self.item_head.text_model = self.text_model
             self.item_head.requires_grad_(self.trains_item_head)
+
+    @property
+    def text_model(self) -> str:
+        """The sentence encoder of the item scores' text part."""
+        return self.hparams.get("item_text_model", "minilm")
 
     def catalogue(self):
         """The DataModule's item catalogue (a ``datasets.Dataset``); None without a crslight DataModule."""
@@ -284,8 +298,11 @@ class PolicyModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        if self.item_head is None and "item_head.title_ids" in state:
-            self.item_head = ItemHead.from_state_dict(state, prefix="item_head.")
+        has_text = "item_head.text_items" in state
+        if "item_head.title_ids" in state and (self.item_head is None or self.item_head.reads_text != has_text):
+            # shaped like the checkpoint's head (a head built for the catalogue may lack its text part)
+            self.item_head = ItemHead.from_state_dict(state, "item_head.", self.text_model).requires_grad_(
+                self.trains_item_head)
         elif self.item_head is not None and "item_head.link_index" in state:
             # links are fitted at the end of SFT: a head built fresh for the catalogue has none yet
             self.item_head.set_links(state["item_head.link_index"], state["item_head.link_value"])

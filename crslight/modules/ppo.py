@@ -267,6 +267,7 @@ class PPOModule(PolicyModule):
         lora_target_modules: Modules to adapt.
         gradient_checkpointing: Recompute activations in the backward pass.
         trust_remote_code: Allow custom modelling code from the model folder.
+        item_text_model: The sentence encoder of the item scores' text part, when ``init_from``'s scores have one.
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -327,13 +328,14 @@ class PPOModule(PolicyModule):
         lora_target_modules: list[str] | str | None = "all-linear",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        item_text_model: str = "minilm",
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
         eval_reward_model: str | None = None,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                         gradient_checkpointing, trust_remote_code)
+                         gradient_checkpointing, trust_remote_code, item_text_model=item_text_model)
         if micro_batch_size < 1 or minibatch_size < micro_batch_size:
             raise ValueError(f"need 1 <= micro_batch_size <= minibatch_size, got {micro_batch_size}, {minibatch_size}")
         if signal_weights is not None and len(signal_weights) != len(signals or []):
@@ -482,7 +484,9 @@ class PPOModule(PolicyModule):
     def _item_logprobs(self, head, hidden: torch.Tensor, samples: Samples, table: torch.Tensor) -> torch.Tensor:
         """``head``'s item distribution ``(s, n_items)`` at the slot states ``hidden`` of ``samples`` (their exclusions,
         ``item_temperature``), over the title table ``table`` (output embeddings)."""
-        return head.log_probs(hidden, table, samples.slot_exclude.to(self.device), self.hparams.item_temperature)
+        text = samples.slot_text.to(self.device) if samples.slot_text.numel() else None
+        return head.log_probs(hidden, table, samples.slot_exclude.to(self.device), self.hparams.item_temperature,
+                              text)
 
     def _micro_batches(self, samples: Samples, rows: list[int] | None = None) -> list[list[int]]:
         """``rows`` of ``samples`` (default: all) in micro-batches of ``micro_batch_size``, sorted by real length first

@@ -41,6 +41,8 @@ class Samples(NamedTuple):
         slot_exclude: ``(s, m)`` catalogue rows the draw could not take (``-1``-padded).
         slot_alternatives: ``(s, k)`` the further items drawn at each slot (``item_alternatives``; ``k = 0``
             without), shown to the same user to compare items in one state.
+        slot_text: ``(s, d)`` the context's embedding at each slot when the item scores read text (``(0, 0)``
+            otherwise).
     """
 
     input_ids: torch.Tensor
@@ -50,6 +52,7 @@ class Samples(NamedTuple):
     slots: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
     slot_exclude: torch.Tensor = torch.full((0, 1), -1, dtype=torch.long)
     slot_alternatives: torch.Tensor = torch.zeros(0, 0, dtype=torch.long)
+    slot_text: torch.Tensor = torch.zeros(0, 0)
 
     @property
     def slot_items(self) -> torch.Tensor:
@@ -74,8 +77,9 @@ class Samples(NamedTuple):
         if len(slots):
             slots[:, 0] = new_row[slots[:, 0]]
             slots[:, 1] -= left
+        text = self.slot_text[keep] if self.slot_text.numel() else self.slot_text
         return Samples(ids[:, left:right], mask[:, left:right], resp[:, left:right], self.start - left, slots,
-                       self.slot_exclude[keep], self.slot_alternatives[keep])
+                       self.slot_exclude[keep], self.slot_alternatives[keep], text)
 
 
 def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], pad_id: int) -> Samples:
@@ -101,10 +105,13 @@ def pack(prompts: list[list[int]], replies: list[list[int]] | list[Generation], 
     alternatives = [rows for g in generations for rows in g.alternatives]
     if len(alternatives) != len(slots) or len({len(a) for a in alternatives}) > 1:
         alternatives = [[] for _ in slots]  # alternatives only when every slot has the same number
+    texts = [g.text for g in generations for _ in g.slots]
+    text = torch.stack(texts) if texts and all(t is not None for t in texts) else torch.zeros(0, 0)
     return Samples(input_ids, attention_mask, response_mask, start,
                    torch.tensor(slots, dtype=torch.long).reshape(-1, 3),
                    torch.tensor([x + [-1] * (width - len(x)) for x in excluded], dtype=torch.long).reshape(-1, width),
-                   torch.tensor(alternatives, dtype=torch.long).reshape(len(slots), len(alternatives[0]) if slots else 0))
+                   torch.tensor(alternatives, dtype=torch.long).reshape(len(slots), len(alternatives[0]) if slots else 0),
+                   text)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

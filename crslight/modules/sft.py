@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
-from crslight.models.retrieval import fit_item_head, retrieval_loss, slot_features
+from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
 from crslight.modules.policy import PolicyModule
 
 
@@ -112,6 +112,11 @@ class SFTModule(PolicyModule):
             fitted on a few thousand samples rank the test split worse than the co-mentions alone (ReDial: 10,639
             training samples, 6,924 items). PPO can still train the bias and the map.
         item_prior: With ``item_head_fits: context``, the weight of the popularity prior in the bias (0: none).
+        item_text_turns: Give the item scores a text part that reads the context's last ``item_text_turns`` turns
+            through a sentence encoder (:mod:`crslight.models.retrieval`), for a new head (0: none). It is fitted
+            alone for ``item_text_epochs`` epochs before the rest, and weighted beside it by the validation split.
+        item_text_model: That sentence encoder: ``minilm`` or a local sentence-transformers folder.
+        item_text_epochs: Epochs of the text part's fit.
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
         eval_max_turns: ``test``: policy replies per episode at most.
         eval_max_new_tokens: ``test``: longest sampled reply.
@@ -149,13 +154,16 @@ class SFTModule(PolicyModule):
         item_links_l2: float = 200.0,
         item_head_fits: Literal["all", "context"] = "all",
         item_prior: float = 0.0,
+        item_text_turns: int = 0,
+        item_text_model: str = "minilm",
+        item_text_epochs: int = 8,
         eval_episodes: int = 32,
         eval_max_turns: int = 2,
         eval_max_new_tokens: int = 40,
         eval_reward_model: str | None = None,
     ) -> None:
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                         gradient_checkpointing, trust_remote_code)
+                         gradient_checkpointing, trust_remote_code, item_text_turns, item_text_model)
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.save_hyperparameters()
@@ -180,7 +188,8 @@ class SFTModule(PolicyModule):
                           output_hidden_states=True)
         loss, n_tokens = lm_loss(out.logits, batch.labels)
         hidden = out.hidden_states[-1][batch.rec_row, batch.rec_position]  # post-norm: what the LM head reads
-        scores = self.item_head(hidden, self.policy.get_output_embeddings().weight, batch.rec_previous)
+        scores = self.item_head(hidden, self.policy.get_output_embeddings().weight, batch.rec_previous,
+                                self.item_head.encode_contexts(batch.rec_context))
         rank = retrieval_loss(scores, batch.rec_target)
         return SFTLoss(loss + weight * rank, loss, rank, n_tokens)
 
@@ -227,49 +236,50 @@ class SFTModule(PolicyModule):
         self.val_rank_loss.reset()
 
     def fit_item_head(self) -> None:
-        """Fits the item scores on the policy's slot states over the training split (``item_head_epochs``)."""
+        """Fits the item scores on the policy's slot states over the training split (``item_head_epochs``); the text
+        part's weight, if the scores have one, on the validation split."""
         hp, dm = self.hparams, self.trainer.datamodule
         if self.item_head is None or not hasattr(dm, "corpus"):
             return
         start = time.time()
         split = dm.splits["fit"]
-        dialogues = dm.corpus(split).dialogues
-        if hp.item_head_dialogues:
-            dialogues = dialogues.select(range(min(hp.item_head_dialogues, len(dialogues))))
-        index = dm.corpus(split).item_index
-        samples = [dm.encode_sft(turns, index, dm.max_length) for turns in dialogues["turns"]]
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))  # little padding
-        if hp.item_head_fits == "context":  # the scores do not read the hidden states: no pass of the policy
-            recs = [rec for i in order for rec in samples[i].recs]
-            target = torch.tensor([rec[1] for rec in recs], dtype=torch.long)
-            previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(rec[2] or [-1]) for rec in recs],
-                                                       batch_first=True, padding_value=-1)
-            hidden = torch.zeros(len(recs), self.item_head.proj.in_features)
-        else:
-            batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
-                       for lo in range(0, len(order), dm.batch_size * 4))
-            was_training = self.policy.training
-            self.policy.eval()
-            with self.trainer.precision_plugin.forward_context():
-                hidden, target, previous = slot_features(self.policy, batches)
-            self.policy.train(was_training)
+        train = self.slot_data(split, hp.item_head_dialogues)
+        valid = self.slot_data(dm.splits["validate"]) if self.item_head.reads_text else None
         if hp.item_links:  # which items the training split mentions together (all of it: no model pass needed)
+            index = dm.corpus(split).item_index
             items, weights = ease(mention_matrix(dm.corpus(split).dialogues["turns"], index), hp.item_links_l2)
             self.item_head.set_links(*top_links(items, weights, self.item_head.num_items, hp.item_links))
         with torch.enable_grad():
-            if hp.item_head_fits == "context":
-                counts = torch.bincount(target, minlength=self.item_head.num_items).float()
-                self.item_head.bias.data.copy_(hp.item_prior * counts.log1p().to(self.item_head.bias.device))
-                self.item_head.proj.weight.data.zero_()
-            losses = fit_item_head(self.item_head, hidden, target, previous,
-                                   self.policy.get_output_embeddings().weight, hp.item_head_epochs, hp.item_head_lr,
-                                   trains=hp.item_head_fits,
-                                   seed=self.trainer.global_step)
-        seconds = time.time() - start
-        self.item_head_fit = {"samples": len(target), "first_loss": losses[0], "last_loss": losses[-1],
-                              "seconds": seconds}
-        rank_zero_info(f"item scores fitted on {len(target)} slot states of {len(dialogues)} {split} dialogues: "
-                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {hp.item_head_epochs} epochs, {seconds:.1f} s")
+            fit = fit_item_scores(self.item_head, train, valid, self.policy.get_output_embeddings().weight,
+                                  hp.item_head_epochs, hp.item_head_lr, hp.item_head_fits, hp.item_prior,
+                                  hp.item_text_epochs, seed=self.trainer.global_step)
+        fit["seconds"] = time.time() - start
+        self.item_head_fit = fit
+        text = (f"; text weight {fit['text_weight']} (held-out Recall@1+10+50 {fit['held_out_recall_without_text']:.3f}"
+                f" -> {fit['held_out_recall']:.3f} on {fit['held_out_samples']} samples)" if "text_weight" in fit else "")
+        rank_zero_info(f"item scores fitted on {fit['samples']} slot states of the {split} split: loss "
+                       f"{fit['first_loss']:.3f} -> {fit['last_loss']:.3f} in {hp.item_head_epochs} epochs{text}, "
+                       f"{fit['seconds']:.1f} s")
+
+    def slot_data(self, split: str, dialogues: int | None = None) -> SlotData:
+        """The recommendation samples of a split's first ``dialogues`` dialogues (None: all) as the item scores read
+        them; the policy runs over them only when the scores read its hidden states (``item_head_fits: all``)."""
+        dm = self.trainer.datamodule
+        corpus = dm.corpus(split)
+        rows = corpus.dialogues if not dialogues else corpus.dialogues.select(range(min(dialogues,
+                                                                                         len(corpus.dialogues))))
+        samples = [dm.encode_sft(turns, corpus.item_index, dm.max_length) for turns in rows["turns"]]
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))  # little padding
+        batches = (dm.collate([samples[i] for i in order[lo : lo + dm.batch_size * 4]])
+                   for lo in range(0, len(order), dm.batch_size * 4))
+        if self.hparams.item_head_fits == "context":  # the scores do not read the hidden states: no pass of the policy
+            return slot_features(None, batches, self.item_head, self.item_head.proj.in_features)
+        was_training = self.policy.training
+        self.policy.eval()
+        with self.trainer.precision_plugin.forward_context():
+            data = slot_features(self.policy, batches, self.item_head)
+        self.policy.train(was_training)
+        return data
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""

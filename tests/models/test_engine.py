@@ -134,3 +134,29 @@ def test_alternatives_are_drawn_at_the_same_state_and_swap_only_the_title(tiny_l
     # greedy decoding draws none
     greedy = Engine(tiny_lm, tiny_tokenizer, head, NAMES, max_new_tokens=3, greedy_items=True, item_alternatives=5)
     assert greedy.generate([prompt])[0].alternatives == []
+
+
+def test_items_drawn_by_scores_with_a_text_part_follow_the_contexts_words(tiny_lm, tiny_tokenizer):
+    from crslight.models.engine import EnginePolicy
+
+    shows = ["Ocean Dreams (2001)", "Haunted Castle (1999)", "Space War (2010)", "Cooking with Grandma (2015)"]
+    head = ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, shows, text_turns=2)
+    with torch.no_grad():
+        head.text_scale.fill_(50.0)  # the words decide
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|item|>")
+    engine = Engine(tiny_lm, tiny_tokenizer, head, shows, max_new_tokens=2, temperature=0, greedy_items=True)
+    policy = EnginePolicy(engine, lambda turns: encode_prompt(tiny_tokenizer, turns) + [slot],
+                          ["ocean", "castle", "space", "cooking"], record=True)
+    contexts = [[{"role": "seeker", "text": "ghosts haunting an old castle", "items": []}],
+                [{"role": "seeker", "text": "a war between spaceships", "items": []}],
+                [{"role": "seeker", "text": "my grandmother's recipes", "items": []}]]
+    replies = policy(contexts)
+    assert [r.items for r in replies] == [["castle"], ["space"], ["cooking"]]
+    # what PPO reads back: each slot carries its context's embedding, and the scores at it give the drawn item
+    prompts, generations = zip(*[(p, g) for p, g, _ in policy.calls[0]], strict=True)
+    samples = pack(list(prompts), list(generations), tiny_tokenizer.pad_token_id)
+    text = head.encode_contexts([[f"seeker: {c[0]['text']}"] for c in contexts])
+    assert torch.allclose(samples.slot_text, text)
+    assert torch.equal(samples.select([2, 0]).slot_text, text[[0, 2]])  # slots keep row order within select
+    with pytest.raises(ValueError, match="pass contexts"):
+        engine.generate(list(prompts))

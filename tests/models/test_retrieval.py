@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from crslight.data.datamodules import Synthetic
@@ -70,3 +71,64 @@ def test_head_round_trips_through_its_state_dict(tiny_tokenizer, tiny_lm):
     hidden = torch.randn(3, tiny_lm.config.hidden_size)
     embeddings = tiny_lm.get_output_embeddings().weight
     assert torch.equal(again(hidden, embeddings), head(hidden, embeddings))
+
+
+SHOWS = ["Ocean Dreams (2001)", "Haunted Castle (1999)", "Space War (2010)", "Cooking with Grandma (2015)"]
+
+
+def _text_head(tiny_lm, tiny_tokenizer, turns=2):
+    return ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, SHOWS, text_turns=turns)
+
+
+def test_the_text_part_reads_the_last_turns_and_ranks_the_title_they_talk_about(tiny_tokenizer, tiny_lm):
+    head = _text_head(tiny_lm, tiny_tokenizer)
+    assert head.reads_text and head.text_items.shape == (4, 384) and int(head.text_turns) == 2
+    hidden = torch.zeros(2, tiny_lm.config.hidden_size)
+    table = tiny_lm.get_output_embeddings().weight
+    contexts = [["seeker: something about ghosts in an old castle", "recommender: hi", "seeker: hello"],
+                ["seeker: hello", "recommender: what do you like?", "seeker: films about rockets and planets"]]
+    with torch.no_grad():
+        scores = head(hidden, table, None, head.encode_contexts(contexts))
+    # the first context's castle is three turns back: out of the two turns read
+    assert int(scores[1].argmax()) == 2 and int(scores[0].argmax()) != 1
+    head.text_turns.fill_(3)
+    with torch.no_grad():
+        assert int(head(hidden[:1], table, None, head.encode_contexts(contexts[:1])).argmax()) == 1
+    with pytest.raises(ValueError, match="read the context's words"):
+        head(hidden, table)
+
+
+def test_text_scores_fit_and_their_weight_is_chosen_on_held_out_samples(tiny_tokenizer, tiny_lm):
+    from crslight.models.retrieval import SlotData, choose_text_weight, fit_item_scores
+
+    head = _text_head(tiny_lm, tiny_tokenizer)
+    words = ["I am hungry", "scary ghosts please", "I love the sea", "rockets and stars"]
+    planted = [3, 1, 0, 2]  # the title each context asks for
+    contexts = [[f"seeker: {w}"] for w in words] * 8
+    target = torch.tensor(planted * 8)
+    text = head.encode_contexts(contexts)
+    data = SlotData(torch.zeros(len(target), tiny_lm.config.hidden_size), target,
+                    torch.full((len(target), 1), -1), text)
+    table = tiny_lm.get_output_embeddings().weight
+    fit = fit_item_scores(head, data, data, table, epochs=2, lr=5e-2, trains="context", text_epochs=30)
+    assert fit["text_last_loss"] < fit["text_first_loss"]
+    assert fit["text_weight"] > 0 and fit["held_out_recall"] > fit["held_out_recall_without_text"]
+    with torch.no_grad():
+        assert head(data.hidden, table, data.previous, text).argmax(-1).tolist() == planted * 8
+    # where the words point away from the targets the text part gets no weight
+    wrong = data._replace(target=torch.tensor([1, 0, 3, 3] * 8))
+    weight, found = choose_text_weight(head, wrong, table)
+    assert weight == 0.0 and float(head.text_scale.detach()) == 0.0 and found[0.0] >= max(found.values())
+
+
+def test_a_head_with_a_text_part_round_trips(tiny_tokenizer, tiny_lm):
+    head = _text_head(tiny_lm, tiny_tokenizer, turns=5)
+    with torch.no_grad():
+        head.text_scale.fill_(3.0)
+        head.text_items.mul_(-1)
+    again = ItemHead.from_state_dict({f"h.{k}": v for k, v in head.state_dict().items()}, prefix="h.")
+    assert again.reads_text and int(again.text_turns) == 5
+    hidden = torch.randn(1, tiny_lm.config.hidden_size)
+    text = head.encode_contexts([["seeker: a film at sea"]])
+    table = tiny_lm.get_output_embeddings().weight
+    assert torch.equal(again(hidden, table, None, text), head(hidden, table, None, text))

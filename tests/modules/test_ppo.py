@@ -115,7 +115,7 @@ class _FakeEngine:
 
     model = torch.nn.Linear(1, 1)
 
-    def generate(self, prompts, exclude, generator):
+    def generate(self, prompts, exclude, generator, contexts=None):
         return [Generation([p[0], 2], [True, True]) for p in prompts]
 
     def decode(self, generation):
@@ -333,7 +333,7 @@ class _NamesItemSignal(SignalExtractor):
         return [float(self.item in items) for items in batch.items]
 
 
-def _recommender_run(tiny_recommender, iterations, **options):
+def _recommender_run(tiny_recommender, iterations, text_turns=0, **options):
     """A tiny PPO module over the synthetic scenario's simulator, with item scores built as SFT would, its data and
     trainer."""
     from crslight.models.retrieval import ItemHead
@@ -351,15 +351,20 @@ def _recommender_run(tiny_recommender, iterations, **options):
     module.configure_model()
     catalogue = data.corpus("train").catalogue
     module.item_head = ItemHead.for_catalogue(module.policy, module.tokenizer, catalogue["name"],
-                                              catalogue["attributes"]).requires_grad_(True)  # what fit would build
+                                              catalogue["attributes"], text_turns=text_turns).requires_grad_(True)
     return module, data, trainer
 
 
-def test_rollouts_draw_items_at_the_item_temperature(tiny_recommender):
+@pytest.mark.parametrize("text_turns", [0, 2], ids=["hidden-state", "with-text"])
+def test_rollouts_draw_items_at_the_item_temperature(tiny_recommender, text_turns):
     """The rollout's draws (the item and its alternatives) come from the distribution PPO scores them with: at an
-    item temperature near 0, each is that distribution's most likely item."""
-    module, data, trainer = _recommender_run(tiny_recommender, 1, signals=[AcceptanceSignal()], item_temperature=1e-4,
-                                             item_alternatives=4)
+    item temperature near 0, each is that distribution's most likely item; also when the scores read the context's
+    words (the rollout's context embeddings travel with its samples)."""
+    module, data, trainer = _recommender_run(tiny_recommender, 1, text_turns, signals=[AcceptanceSignal()],
+                                             item_temperature=1e-4, item_alternatives=4)
+    if text_turns:
+        with torch.no_grad():
+            module.item_head.text_scale.fill_(20.0)  # the words weigh as much as the hidden state
     drawn = []
     collect = module.collect
 

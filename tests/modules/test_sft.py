@@ -137,7 +137,7 @@ def test_item_scores_fitted_on_the_context_alone(tiny_policy, monkeypatch):
                        item_links=5, item_head_fits="context", item_prior=0.5)
     trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    monkeypatch.setattr("crslight.modules.sft.slot_features", lambda *a, **k: pytest.fail("the policy ran"))
+    monkeypatch.setattr("crslight.models.retrieval.turn_hidden_states", lambda *a, **k: pytest.fail("the policy ran"))
     trainer.fit(module, dm)
     head = module.item_head
     corpus = dm.corpus("train")
@@ -147,8 +147,35 @@ def test_item_scores_fitted_on_the_context_alone(tiny_policy, monkeypatch):
     assert torch.allclose(head.bias, 0.5 * torch.bincount(targets, minlength=head.num_items).float().log1p())
     assert float(head.link_weight) != 1.0 and float(head.mention_bonus) != 0.0
     with pytest.raises(ValueError, match="trains must be 'all' or 'context'"):
-        retrieval.fit_item_head(head, torch.zeros(1, 64), targets[:1], torch.full((1, 1), -1), torch.zeros(5, 64),
-                                1, 0.1, trains="bias")
+        retrieval.fit_item_head(head, retrieval.SlotData(torch.zeros(1, 64), targets[:1], torch.full((1, 1), -1)),
+                                torch.zeros(5, 64), 1, 0.1, trains="bias")
+
+
+def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_policy, tmp_path):
+    """``item_text_turns``: the text part fits first, its weight is chosen on the validation split, ``crslight test``
+    ranks with it, and a PPO run started from the checkpoint gets the same scores (text part included)."""
+    from crslight.modules.ppo import PPOModule
+
+    seed_everything(0)
+    dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=60, n_items=30, batch_size=2, max_length=512)
+    module = SFTModule(model=tiny_policy, lr=1e-3, ranking_loss_weight=0.5, item_head_epochs=5, item_head_lr=5e-2,
+                       item_links=5, item_head_fits="context", item_text_turns=2, item_text_epochs=20)
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    fit = module.item_head_fit
+    assert module.item_head.reads_text and fit["text_last_loss"] < fit["text_first_loss"]
+    assert fit["held_out_samples"] == len(dm.corpus("valid").rec_samples)
+    assert fit["held_out_recall"] >= fit["held_out_recall_without_text"]
+    assert float(module.item_head.text_scale.detach()) == pytest.approx(0.0) or fit["text_weight"] > 0
+    result = trainer.test(module, dm, verbose=False)[0]
+    assert 0 < result["test/recall@50"] <= 1
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    ppo = PPOModule(model=tiny_policy, init_from=str(checkpoint), signals=[], lora=True, lora_r=4)
+    ppo.configure_model()
+    assert ppo.item_head.reads_text and int(ppo.item_head.text_turns) == 2
+    for name, value in module.item_head.state_dict().items():
+        assert torch.equal(ppo.item_head.state_dict()[name], value), name
 
 
 def test_warmup_then_cosine():
