@@ -43,7 +43,8 @@ class SFTBatch(NamedTuple):
         rec_target: ``(n,)`` the catalogue row of the item the turn mentions.
         rec_previous: ``(n, m)`` catalogue rows of items mentioned earlier in the dialogue, ``-1``-padded (for the
             protocol variant that excludes them).
-        rec_context: per sample, ``"role: text"`` of each turn before it (:func:`~crslight.data.schema.context_lines`): what item scores with a text part read.
+        rec_context: per sample, ``"role: text"`` of each turn before it (:func:`~crslight.data.schema.
+            context_lines`): what item scores with a text part read.
     """
 
     input_ids: torch.Tensor

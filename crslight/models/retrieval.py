@@ -61,14 +61,19 @@ def attribute_words(attributes: str | None) -> str:
     return " ".join(part.split("=", 1)[-1].strip() for part in attributes.split(";") if part.strip())
 
 
+def item_texts(names: list[str], attributes: list[str | None] | None = None) -> list[str]:
+    """Each item's text: the title (year dropped), then the values of its catalogue attributes when there are any
+    (``"Heat drama calm 2010s"``), so items that share a genre or mood share part of it."""
+    attributes = attributes or [None] * len(names)
+    return [" ".join(filter(None, [_YEAR.sub("", name).strip() or name, attribute_words(attrs)]))
+            for name, attrs in zip(names, attributes, strict=True)]
+
+
 def title_token_ids(tokenizer, names: list[str], attributes: list[str | None] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened token ids of each item's text and their offsets, for ``embedding_bag``: the title (leading space,
-    year dropped), then the values of its catalogue attributes when there are any (``"drama calm 2010s"``), so items
-    that share a genre or mood share part of their embedding."""
-    attributes = attributes or [None] * len(names)
-    texts = [" " + " ".join(filter(None, [_YEAR.sub("", name).strip() or name, attribute_words(attrs)]))
-             for name, attrs in zip(names, attributes, strict=True)]
+    """Flattened token ids of each item's text (:func:`item_texts`, after a leading space) and their offsets, for
+    ``embedding_bag``."""
+    texts = [" " + text for text in item_texts(names, attributes)]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     encoded = [ids or [tokenizer.eos_token_id] for ids in encoded]
     lengths = torch.tensor([len(ids) for ids in encoded])
@@ -156,10 +161,7 @@ class ItemHead(nn.Module):
         if text_turns > 0:
             from crslight.metrics.encoder import SentenceEncoder
 
-            attributes = attributes or [None] * len(names)
-            texts = [" ".join(filter(None, [_YEAR.sub("", name).strip() or name, attribute_words(attrs)]))
-                     for name, attrs in zip(names, attributes, strict=True)]
-            text_items = SentenceEncoder(text_model, cache_size=0).encode(texts)
+            text_items = SentenceEncoder(text_model, cache_size=0).encode(item_texts(names, attributes))
         return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names, attributes), links, text_items,
                    text_turns, text_model)
 
@@ -173,8 +175,8 @@ class ItemHead(nn.Module):
         return self.text_items is not None
 
     def encode_contexts(self, contexts: list[list[str]]) -> torch.Tensor | None:
-        """``(n, d)`` embeddings of the last ``text_turns`` of each context (:func:`~crslight.data.schema.context_lines` of its turns), on
-        the head's device; None when the head has no text part."""
+        """``(n, d)`` embeddings of the last ``text_turns`` of each context (its turns'
+        :func:`~crslight.data.schema.context_lines`), on the head's device; None when the head has no text part."""
         if not self.reads_text:
             return None
         if self._encoder is None or self._encoder.model != self.text_model:
@@ -367,15 +369,14 @@ def choose_text_weight(head: ItemHead, data: SlotData, output_embeddings: torch.
     Recall, not the cross-entropy: on ReDial the cross-entropy asks for six times the weight that ranks best (the
     text part is confident on the few samples it knows and flat elsewhere), and the ranking is what is measured."""
     device = head.bias.device
-    scale = head.text_scale.detach().clone()
-    head.text_scale.zero_()
     table = output_embeddings.detach().float().to(device)
     rest, text_part = [], []
     for lo in range(0, len(data.target), 512):
         rows = slice(lo, lo + 512)
         text = data.text[rows].to(device)
-        rest.append(head(data.hidden[rows].to(device), table, data.previous[rows].to(device), text).float())
-        text_part.append((scale * (text @ head.text_items.T)).float())
+        part = head.text_scores(text).float()
+        rest.append(head(data.hidden[rows].to(device), table, data.previous[rows].to(device), text).float() - part)
+        text_part.append(part)
     rest, text_part, target = torch.cat(rest), torch.cat(text_part), data.target.to(device)
 
     def recall_sum(weight: float) -> float:
@@ -384,7 +385,7 @@ def choose_text_weight(head: ItemHead, data: SlotData, output_embeddings: torch.
 
     found = {w: recall_sum(w) for w in weights}
     best = max(sorted(found), key=lambda w: found[w])  # max keeps the first of equals: the smallest weight
-    head.text_scale.copy_(scale * best)
+    head.text_scale.mul_(best)
     return best, found
 
 
