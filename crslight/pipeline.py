@@ -226,11 +226,12 @@ def training_kl(metrics_csv: Path) -> dict[str, float]:
 
 
 def report_tables(report: dict) -> str:
-    """The comparison table of a pipeline report, then its paired differences from SFT (when there are any), then
-    PPO's KL to the SFT policy."""
+    """The comparison table of a pipeline report, then its paired differences from SFT and those of the trained
+    policies from popularity (when there are any), then PPO's KL to the SFT policy."""
     table = comparison_table(report["results"], intervals=report.get("intervals"))
-    if report.get("differences_vs_sft"):
-        table += "\n\n" + differences_table(report["differences_vs_sft"])
+    for baseline in ("sft", "popularity"):
+        if report.get(f"differences_vs_{baseline}"):
+            table += "\n\n" + differences_table(report[f"differences_vs_{baseline}"], baseline)
     kl = report.get("ppo_kl") or {}
     if "kl" in kl:
         table += (f"\n\nPPO's KL to the SFT policy per reply (training, last iteration): {kl['kl']:.3f} nats over the "
@@ -245,7 +246,8 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
              extra: list[str] | None = None, stage_args: dict[str, list[str]] | None = None,
              base_episodes: int = 0) -> dict:
     """Runs the chain and returns ``{"results": {policy: metrics}, "intervals": {policy: {metric: [mean, lo, hi]}},
-    "differences_vs_sft": {policy: {metric: [mean, lo, hi]}}, "episodes": n, "seconds": {step: s},
+    "differences_vs_sft": {policy: {metric: [mean, lo, hi]}}, "differences_vs_popularity": {"sft" | "rlhf": {...}},
+    "episodes": n, "seconds": {step: s},
     "checkpoints": {...}}``.
 
     ``extra`` goes to every stage, ``stage_args[stage]`` to the fit of ``sft``, ``reward`` or ``ppo`` only. The base
@@ -293,10 +295,15 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
         for name in references:
             runs[name] = timed(f"test {name}", _reference, name, datamodule, out, eval_episodes, eval_max_turns,
                                str(ckpt["reward"]))
-    intervals, differences = paired_intervals({name: run.records for name, run in runs.items()})
+    records = {name: run.records for name, run in runs.items()}
+    intervals, differences = paired_intervals(records)
+    # the trained policies against the reference every recommender must beat
+    vs_popularity = {policy: d for policy, d in paired_intervals(records, "popularity")[1].items()
+                     if policy in ("sft", "rlhf")}
     seconds["total"] = round(sum(seconds.values()), 1)
     report = {"dataset": dataset, "results": {name: run.metrics for name, run in runs.items()},
-              "intervals": intervals, "differences_vs_sft": differences, "episodes": len(runs["sft"].records),
+              "intervals": intervals, "differences_vs_sft": differences,
+              "differences_vs_popularity": vs_popularity, "episodes": len(runs["sft"].records),
               "seconds": seconds, "checkpoints": {k: str(v) for k, v in ckpt.items()},
               "ppo_kl": training_kl(ckpt["ppo"].parent.parent / "metrics.csv")}
     (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")

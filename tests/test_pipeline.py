@@ -51,7 +51,7 @@ def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_p
     printed = capsys.readouterr().out
     tables = (out / "comparison.md").read_text().strip()
     assert tables in printed
-    table, deltas, kl = tables.split("\n\n")
+    table, deltas, vs_popularity, kl = tables.split("\n\n")
     header, rule, *rows = table.splitlines()
     assert header == "| metric | base | sft | rlhf | popularity | oracle |"
     cells = {row.split(" | ")[0].strip("| "): row.strip("| ").split(" | ")[1:] for row in rows}
@@ -83,6 +83,12 @@ def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_p
         gap = report["results"][policy]["satisfaction"] - report["results"]["sft"]["satisfaction"]
         assert differences["satisfaction"][0] == pytest.approx(gap, abs=1e-5)
     assert deltas.splitlines()[0] == "| Δ vs SFT | base | rlhf | popularity | oracle |"
+    # and the trained policies against popularity, paired on the same users
+    assert set(report["differences_vs_popularity"]) == {"sft", "rlhf"}
+    assert vs_popularity.splitlines()[0] == "| Δ vs POPULARITY | sft | rlhf |"
+    for policy, differences in report["differences_vs_popularity"].items():
+        gap = report["results"][policy]["acceptance"] - report["results"]["popularity"]["acceptance"]
+        assert differences["acceptance"][0] == pytest.approx(gap, abs=1e-5)
     # PPO's KL to the SFT policy, as its training logged it
     import csv
 
