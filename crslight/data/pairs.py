@@ -241,7 +241,7 @@ def signal_values(corpus: Corpus, label: CompositeLabel, cache: bool = True) -> 
     for signal in label.signals:
         path = folder / f"{_signal_key(corpus, signal)}.pt"
         if cache and path.is_file():
-            columns.append(torch.load(path))
+            columns.append(torch.load(path, weights_only=True))
             continue
         if batch is None:
             batch = transitions(corpus)

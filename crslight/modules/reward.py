@@ -359,7 +359,7 @@ class RewardModule(LightningModule):
             if not ckpts:
                 raise FileNotFoundError(f"no .ckpt file under {path}")
             path = ckpts[-1]
-        return cls.load_from_checkpoint(path, map_location=map_location).eval()
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True).eval()
 
     # -- training -----------------------------------------------------------------------------------------------------
     def losses(self, scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
