@@ -53,7 +53,9 @@ def test_export_merges_sft_lora(tiny_policy, tiny_tokenizer, tmp_path):
 
 
 def test_export_ppo_checkpoint_through_the_cli(tiny_policy, tiny_tokenizer, tmp_path, capsys):
-    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator", max_turns=1,
+    # with its signal weights, as the shipped configs set them (the signal objects are not hyper-parameters)
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], signal_weights=[1.0],
+                       simulator="PersonaSimulator", max_turns=1,
                        max_new_tokens=4, minibatch_size=2, micro_batch_size=2, ppo_epochs=1, lr=1e-3)
     module = _train_and_save(module, "prompts", tiny_policy, tmp_path / "ppo.ckpt")
     assert main(["export", "--ckpt", str(tmp_path / "ppo.ckpt"), "--out", str(tmp_path / "out")]) == 0

@@ -85,7 +85,10 @@ def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = 
     if not hparams.get("lora"):
         hparams["init_from"] = None  # every weight is in the file: no need to load the run's starting point
     accepted = inspect.signature(cls.__init__).parameters
-    module = cls(**{key: value for key, value in hparams.items() if key in accepted})
+    kwargs = {key: value for key, value in hparams.items() if key in accepted}
+    if "signal_weights" in kwargs and "signals" not in kwargs:  # signal objects are not hyper-parameters, and they
+        kwargs["signal_weights"] = None                         # and their weights do not change the policy's weights
+    module = cls(**kwargs)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
