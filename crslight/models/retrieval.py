@@ -18,7 +18,8 @@ cross-entropy over the catalogue, beside the language-model loss; PPO changes ``
 embeddings) and so changes the ranking. Items never mentioned in training still get a score from their title. The
 title table follows the live LM-head weights (an ``embedding_bag`` per call, no copy).
 
-Cost: one forward pass per dialogue (every recommender turn read from it) plus one ``(n, h) × (h, n_items)`` matmul.
+Cost: one forward pass per dialogue (every recommender turn read from it) plus one ``(n, h) × (h, n_items)`` matmul;
+no forward pass at all while ``W`` is zero (a head fitted on the context alone, ``trains: context``).
 
 **The context's words.** A head built with ``text_turns > 0`` also reads the last ``text_turns`` turns of the dialogue
 as text: a sentence encoder (MiniLM by default, :mod:`crslight.metrics.encoder`) embeds them as ``t`` and each item
@@ -170,6 +171,12 @@ class ItemHead(nn.Module):
         return len(self.title_offsets)
 
     @property
+    def reads_hidden(self) -> bool:
+        """Whether the scores depend on the policy's hidden state: False while the map ``W`` is all zeros (a head
+        fitted with ``trains: context``), when ranking needs no pass of the policy."""
+        return bool(self.proj.weight.detach().any())
+
+    @property
     def reads_text(self) -> bool:
         """Whether the scores read the context's words (a text part)."""
         return self.text_items is not None
@@ -234,8 +241,12 @@ def turn_hidden_states(
 
 
 def rank_scores(policy: nn.Module, head: ItemHead, batch) -> torch.Tensor:
-    """Catalogue scores ``(n, n_items)`` for every recommendation sample of an ``SFTBatch``."""
-    hidden = turn_hidden_states(policy, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
+    """Catalogue scores ``(n, n_items)`` for every recommendation sample of an ``SFTBatch`` (the policy runs only when
+    the scores read its hidden states: :attr:`ItemHead.reads_hidden`)."""
+    if head.reads_hidden:
+        hidden = turn_hidden_states(policy, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
+    else:
+        hidden = head.proj.weight.new_zeros(len(batch.rec_row), head.proj.in_features)
     return head(hidden, policy.get_output_embeddings().weight, batch.rec_previous, head.encode_contexts(batch.rec_context))
 
 

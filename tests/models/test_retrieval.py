@@ -4,6 +4,7 @@ import torch
 from crslight.data.datamodules import Synthetic
 from crslight.models.retrieval import (
     ItemHead,
+    decoder_of,
     previous_mask,
     rank_scores,
     retrieval_loss,
@@ -54,6 +55,25 @@ def test_a_planted_item_ranks_first_after_training(tiny_tokenizer, tiny_lm, tmp_
         scores = rank_scores(tiny_lm, head, batch)
     assert scores.shape == (len(batch.rec_target), 30)
     assert (scores.argmax(-1) == 7).all() and not (before.argmax(-1) == 7).all()
+
+
+def test_a_head_that_does_not_read_the_hidden_state_ranks_without_running_the_policy(tiny_tokenizer, tiny_lm,
+                                                                                     tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    dm = Synthetic(n_dialogues=10, n_items=30, batch_size=4, max_length=512)
+    dm._tokenizer = tiny_tokenizer
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    head = ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, dm.corpus("test").item_names)
+    head.bias.data.normal_()
+    assert head.reads_hidden
+    head.proj.weight.data.zero_()  # as a head fitted with trains: context
+    assert not head.reads_hidden
+    with torch.no_grad():
+        hidden = turn_hidden_states(tiny_lm, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
+        expected = head(hidden, tiny_lm.get_output_embeddings().weight, batch.rec_previous)
+        monkeypatch.setattr(decoder_of(tiny_lm), "forward", lambda *a, **k: pytest.fail("ran the policy"))
+        torch.testing.assert_close(rank_scores(tiny_lm, head, batch), expected)
 
 
 def test_previous_mask():
