@@ -763,6 +763,9 @@ class PPOModule(PolicyModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if self.item_head is not None and not self.item_head.reads_hidden:
+            # scores fitted on the context alone (SFT's item_head_fits: context) stay so: their map W is not trained
+            self.item_head.proj.weight.requires_grad_(False)
         # the item scores' per-item bias and context weights at item_lr; their map W (hidden x hidden) moves every
         # item's score at once and trains at the policy's rate
         head = ({id(p) for name, p in self.item_head.named_parameters() if not name.startswith("proj.")}

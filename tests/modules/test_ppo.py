@@ -424,6 +424,18 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender,
     assert (not moved) == (options.get("ppo_epochs") == 0), moved
 
 
+def test_item_scores_fitted_on_the_context_alone_keep_their_zero_map(tiny_recommender):
+    """Scores that SFT fitted without the hidden state (``item_head_fits: context``: the map W is zero) stay so under
+    PPO, which moves their other parts (so the rlhf ranking, like the SFT one, needs no pass of the policy)."""
+    module, data, trainer = _recommender_run(tiny_recommender, 3, signals=[_NamesItemSignal("syn5")],
+                                             item_alternatives=8)
+    module.item_head.proj.weight.data.zero_()
+    bias = module.item_head.bias.detach().clone()
+    trainer.fit(module, data)
+    assert not module.item_head.reads_hidden
+    assert not torch.equal(module.item_head.bias, bias)
+
+
 def test_setup_builds_each_environment_once_through_the_factory(tiny_policy, monkeypatch):
     import crslight.modules.ppo as ppo
 
