@@ -86,8 +86,8 @@ def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = 
         hparams["init_from"] = None  # every weight is in the file: no need to load the run's starting point
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {key: value for key, value in hparams.items() if key in accepted}
-    if "signal_weights" in kwargs and "signals" not in kwargs:  # signal objects are not hyper-parameters, and they
-        kwargs["signal_weights"] = None                         # and their weights do not change the policy's weights
+    if "signal_weights" in kwargs and "signals" not in kwargs:  # the signal objects are not saved as hyper-parameters;
+        kwargs["signal_weights"] = None                         # neither they nor their weights change the policy
     module = cls(**kwargs)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)

@@ -32,13 +32,18 @@ def test_title_ids_drop_the_year(tiny_tokenizer):
     assert tiny_tokenizer.decode(ids[offsets[1]:]) == " Up"
 
 
-def test_a_planted_item_ranks_first_after_training(tiny_tokenizer, tiny_lm, tmp_path, monkeypatch):
+def _test_batch_and_head(tiny_tokenizer, tiny_lm, tmp_path, monkeypatch):
+    """A synthetic test batch (30-item catalogue) and a zero-shot head over its catalogue."""
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
     dm = Synthetic(n_dialogues=10, n_items=30, batch_size=4, max_length=512)
     dm._tokenizer = tiny_tokenizer
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
-    head = ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, dm.corpus("test").item_names)
+    return next(iter(dm.test_dataloader())), ItemHead.for_catalogue(tiny_lm, tiny_tokenizer,
+                                                                     dm.corpus("test").item_names)
+
+
+def test_a_planted_item_ranks_first_after_training(tiny_tokenizer, tiny_lm, tmp_path, monkeypatch):
+    batch, head = _test_batch_and_head(tiny_tokenizer, tiny_lm, tmp_path, monkeypatch)
     with torch.no_grad():
         hidden = turn_hidden_states(tiny_lm, batch.input_ids, batch.attention_mask, batch.rec_row, batch.rec_position)
         before = rank_scores(tiny_lm, head, batch)
@@ -59,12 +64,7 @@ def test_a_planted_item_ranks_first_after_training(tiny_tokenizer, tiny_lm, tmp_
 
 def test_a_head_that_does_not_read_the_hidden_state_ranks_without_running_the_policy(tiny_tokenizer, tiny_lm,
                                                                                      tmp_path, monkeypatch):
-    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
-    dm = Synthetic(n_dialogues=10, n_items=30, batch_size=4, max_length=512)
-    dm._tokenizer = tiny_tokenizer
-    dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
-    head = ItemHead.for_catalogue(tiny_lm, tiny_tokenizer, dm.corpus("test").item_names)
+    batch, head = _test_batch_and_head(tiny_tokenizer, tiny_lm, tmp_path, monkeypatch)
     head.bias.data.normal_()
     assert head.reads_hidden
     head.proj.weight.data.zero_()  # as a head fitted with trains: context
