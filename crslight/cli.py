@@ -118,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_heap()
     args = sys.argv[1:] if argv is None else list(argv)
+    from crslight.data.errors import DataError
+    from crslight.guards import NonFiniteError
+
+    try:
+        return _dispatch(args, argv)
+    except (DataError, NonFiniteError) as error:  # bad input or a run that cannot go on: the cause, not a traceback
+        print(f"crslight: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: list[str], argv: list[str] | None) -> int:
     if args and args[0] == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
         from crslight.ablation import main as ablate_main
 

@@ -52,3 +52,16 @@ def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(
     monkeypatch.delenv("CRSLIGHT_CPU_BF16")
     monkeypatch.setattr(encoder, "native_bf16", lambda device="cpu": True)
     assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_a_data_error_inside_fit_ends_with_exit_code_2_and_no_traceback(tiny_policy, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    code = main(["fit", "-c", "configs/redial/sft.yaml", f"--model.init_args.model={tiny_policy}",
+                 f"--data.init_args.tokenizer={tiny_policy}", f"--data.init_args.root={tmp_path}",
+                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.precision=32-true"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"crslight: error: {tmp_path}" in err and "missing train_data.jsonl" in err and "Traceback" not in err

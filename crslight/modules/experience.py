@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DistributedSampler
 
+from crslight.guards import check_scores
 from crslight.models.engine import Generation, Reply
 from crslight.modules.rollout import EnginePolicy, Samples, pack
 from crslight.rl import gae, group_normalized_advantages, kl_penalty, masked_whiten, per_token_rewards
@@ -332,10 +333,12 @@ def score(scorer: Scorer, batch: SignalBatch, judge: bool = True) -> tuple[torch
     if scorer.reward_model is not None and (weight or judge):
         with torch.no_grad():
             reward = scorer.reward_model.score(batch).float().cpu()
+        check_scores(reward, "R_phi (reward_model)")
         scores += weight * reward
         metrics["reward"] = float(reward.mean())
     for signal, signal_weight in zip(scorer.signals, scorer.signal_weights, strict=True):
         values = signal(batch)
+        check_scores(values, f"signal {signal.name}", allow_nan=True)
         metrics[f"signal/{signal.name}"] = float(values.nan_to_num(0.0).mean())
         scores += signal_weight * values.nan_to_num(0.0)
     metrics["score"] = float(scores.mean())

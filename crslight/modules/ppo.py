@@ -86,6 +86,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.hooks import RemovableHandle
 
 from crslight.data.datamodules import PromptBatch
+from crslight.guards import check_loss
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
 from crslight.models.memory import release_heap
@@ -687,6 +688,7 @@ class PPOModule(PolicyModule):
                     if self.device.type == "cpu":
                         release_heap()
                     losses = self.micro_step(samples, exp, rows)
+                    check_loss(losses["loss"], "PPO", self.iterations, losses)
                     self.manual_backward(losses["loss"] * len(rows) / len(minibatch))
                     for key, value in losses.items():
                         sums[key] += float(value.detach())

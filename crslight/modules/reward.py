@@ -46,6 +46,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import BertConfig, BertModel
 
 from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
+from crslight.guards import check_loss
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
@@ -378,6 +379,7 @@ class RewardModule(LightningModule):
         opt = self.optimizers()
         scores = self.score_texts(batch.context, self.reply_texts(batch.reply, batch.items))
         loss = self.losses(scores, batch)
+        check_loss(loss, "R_phi", self.global_step, {"scores": scores})
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
+from crslight.guards import check_loss
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
 from crslight.modules.policy import PolicyModule
@@ -198,6 +199,7 @@ class SFTModule(PolicyModule):
         opt = self.optimizers()
         accumulate = self.hparams.accumulate_grad_batches
         loss = self.loss(batch)
+        check_loss(loss.total, "SFT", self.global_step, {"language model": loss.lm, "catalogue": loss.rank})
         self.manual_backward(loss.total / accumulate)
         last = batch_idx + 1 == self.trainer.num_training_batches
         if (batch_idx + 1) % accumulate == 0 or last:

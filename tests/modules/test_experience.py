@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from crslight.guards import NonFiniteError
 from crslight.models.engine import Generation
 from crslight.modules.experience import (
     Episodes,
@@ -23,7 +24,7 @@ from crslight.modules.experience import (
 )
 from crslight.modules.rollout import EnginePolicy, pack
 from crslight.signals import AcceptanceSignal
-from crslight.signals.base import SignalBatch
+from crslight.signals.base import SignalBatch, SignalExtractor
 
 
 def test_episode_indices_deal_each_step_out_to_the_ranks():
@@ -198,3 +199,30 @@ def test_collect_episodes_and_replies_lay_out_one_row_per_reply():
     )
     assert replies.episode.tolist() == [0, 1] and replies.turn.tolist() == [0, 0]
     assert replies.samples.input_ids[:, replies.samples.start].tolist() == [1, 3]  # each reply after its own prompt
+
+
+class _BrokenReward:
+    """R_phi stand-in whose second score is ``value``."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def score(self, batch):
+        return torch.tensor([1.0, self.value])
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_score_refuses_a_non_finite_r_phi_score(value):
+    with pytest.raises(NonFiniteError, match=r"R_phi .*1 of 2 values"):
+        score(Scorer(_BrokenReward(value), 1.0), _batch(["a", "b"], [1.0, 0.0]))
+
+
+def test_score_refuses_an_infinite_signal_but_reads_its_nan_as_missing():
+    class Infinite(SignalExtractor):
+        def extract(self, batch):
+            return [math.inf, math.nan]
+
+    with pytest.raises(NonFiniteError, match="signal Infinite gave non-finite scores: 1 of 2 values are \\+inf"):
+        score(Scorer(None, 1.0, [Infinite()], [1.0]), _batch(["a", "b"], [1.0, 0.0]))
+    scores, _ = score(Scorer(None, 1.0, [AcceptanceSignal()], [1.0]), _batch(["a", "b"], [math.nan, 1.0]))
+    assert scores.tolist() == [0.0, 1.0]

@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
 from crslight.data.tokenize import encode_prompt
+from crslight.guards import NonFiniteError
 from crslight.models.engine import Generation, Reply
 from crslight.models.retrieval import decoder_of
 from crslight.modules.experience import RunningMoments, turn_returns
@@ -459,3 +460,32 @@ def test_setup_builds_each_environment_once_through_the_factory(tiny_policy, mon
     single._trainer = SimpleNamespace(datamodule=data)
     single.setup("fit")  # no simulator: one reply per prompt, no environment
     assert single.environments == {"fit": None, "validate": None} and len(calls) == 2
+
+
+class _InfiniteSignal(SignalExtractor):
+    """A broken signal plugin: +inf for every reply."""
+
+    def extract(self, batch):
+        return [math.inf] * len(batch)
+
+
+def test_a_non_finite_reward_stops_ppo_before_it_reaches_the_weights(tiny_policy):
+    module = PPOModule(model=tiny_policy, signals=[_InfiniteSignal()], reward_normalization="none", max_new_tokens=8,
+                       minibatch_size=4, micro_batch_size=2, lr=1e-2)
+    module.configure_model()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with pytest.raises(NonFiniteError, match="signal _InfiniteSignal gave non-finite scores: 4 of 4 values are \\+inf"):
+        _fit(module, tiny_policy, steps=1)
+    assert all(torch.equal(param, before[name]) for name, param in module.named_parameters())
+
+
+def test_a_non_finite_loss_stops_ppo_before_the_optimizer_steps(tiny_policy, monkeypatch):
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator", max_turns=1,
+                       max_new_tokens=8, minibatch_size=4, micro_batch_size=2, lr=1e-2)
+    module.configure_model()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    step = module.micro_step
+    monkeypatch.setattr(module, "micro_step", lambda *a: {**step(*a), "loss": step(*a)["loss"] * math.nan})
+    with pytest.raises(NonFiniteError, match="PPO: the loss at optimizer step 0 is nan"):
+        _fit(module, tiny_policy, steps=1)
+    assert all(torch.equal(param, before[name]) for name, param in module.named_parameters())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import IGNORE_INDEX, Synthetic
+from crslight.guards import NonFiniteError
 from crslight.modules.sft import SFTModule, lm_loss, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,3 +204,24 @@ def test_sft_configs_instantiate(path, monkeypatch):
     assert isinstance(cli.model, SFTModule) and cli.model.policy is None  # the policy loads in configure_model
     assert cli.datamodule.task == "sft" and cli.datamodule.tokenizer_name == cli.model.hparams.model
     assert len(CONFIGS) == 3
+
+
+def test_a_non_finite_loss_stops_sft_before_the_optimizer_steps(tiny_policy, monkeypatch):
+    seed_everything(0)
+    dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=8, batch_size=2, max_length=96, max_samples=8)
+    module = SFTModule(model=tiny_policy, lr=1e-2, accumulate_grad_batches=2, warmup_steps=1)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loss, calls = module.loss, []
+
+    def nan_on_second_batch(batch):  # the first micro-batch of the step is fine, the second is NaN
+        calls.append(1)
+        out = loss(batch)
+        return out._replace(total=out.total * math.nan) if len(calls) == 2 else out
+
+    monkeypatch.setattr(module, "loss", nan_on_second_batch)
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(NonFiniteError, match="SFT: the loss at optimizer step 0 is nan"):
+        trainer.fit(module, dm)
+    assert all(torch.equal(param, before[name]) for name, param in module.named_parameters())

@@ -1,0 +1,47 @@
+"""Finite-value guards: a NaN or infinite reward, score or loss stops training with an error that names it, before
+it reaches the weights.
+
+A NaN loss that reaches ``backward`` and the optimizer writes NaN into every weight it touches; the run then fails far
+from the cause (a sampler rejecting a NaN probability) or, worse, finishes and logs ``inf``. Every stage therefore
+checks what it is about to learn from: the scores PPO turns into advantages (:func:`check_scores`: R_phi's output and
+each signal's values; a signal's NaN means "missing" and counts as 0, an infinite value is an error) and each loss
+before its backward pass (:func:`check_loss`). The run stops with :class:`NonFiniteError`; the command line prints it
+without a traceback and exits with code 2 (:func:`crslight.cli.main`), and the checkpoints already written stay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class NonFiniteError(RuntimeError):
+    """A reward, score or loss that training was about to use is NaN or infinite."""
+
+
+def _describe(values: torch.Tensor, allow_nan: bool = False) -> str:
+    bad = torch.isinf(values) if allow_nan else ~torch.isfinite(values)
+    kinds = [name for name, hit in (("NaN", values.isnan().any() and not allow_nan), ("+inf", (values == float("inf")).any()),
+                                    ("-inf", (values == float("-inf")).any())) if hit]
+    return f"{int(bad.sum())} of {values.numel()} values are {'/'.join(kinds)}"
+
+
+def check_scores(values: torch.Tensor, source: str, allow_nan: bool = False) -> None:
+    """Raises :class:`NonFiniteError` when ``values`` (one score per reply, from ``source``) has an infinite value, or a
+    NaN unless ``allow_nan`` (a signal's "not observed")."""
+    bad = torch.isinf(values) if allow_nan else ~torch.isfinite(values)
+    if bool(bad.any()):
+        raise NonFiniteError(f"{source} gave non-finite scores: {_describe(values, allow_nan)}; training stops before they reach "
+                             "the policy (check the reward model's checkpoint and the signal's inputs)")
+
+
+def check_loss(loss: torch.Tensor, stage: str, step: int, parts: dict[str, torch.Tensor] | None = None) -> None:
+    """Raises :class:`NonFiniteError` when ``loss`` is NaN or infinite, before its backward pass and optimizer step;
+    the message names the stage, the optimizer step and the loss terms that are not finite."""
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    terms = [name for name, value in (parts or {}).items()
+             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value.detach()).all())]
+    which = f" (non-finite terms: {', '.join(terms)})" if terms else ""
+    raise NonFiniteError(f"{stage}: the loss at optimizer step {step} is {float(loss.detach().float().sum())}{which}; "
+                         "training stops before the weights change (lower the learning rate, check the data and the "
+                         "rewards; the last checkpoint written is intact)")
