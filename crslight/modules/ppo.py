@@ -82,6 +82,7 @@ from collections import defaultdict
 from typing import Any, Literal, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.hooks import RemovableHandle
 
@@ -355,6 +356,7 @@ class PPOModule(PolicyModule):
                               else FixedKLController(kl_coef))
         self.reward_moments = RunningMoments()
         self.iterations = 0
+        self._warned_no_signal = False  # warns once per run when a step had no advantage at all
         self.value_head: ScalarHead | None = None
         self.critic_backbone: torch.nn.Module | None = None
         self._reference = Hidden()
@@ -598,6 +600,11 @@ class PPOModule(PolicyModule):
         stats = self.update(episodes.samples, exp)
         seconds["seconds_update"] = time.perf_counter() - start
         kl_per_reply = self.adapt_kl(exp)
+        if not bool((exp.advantages * exp.mask).any()) and not self._warned_no_signal:
+            self._warned_no_signal = True
+            rank_zero_warn(f"PPO iteration {self.iterations}: every reply's advantage is 0 (all its rewards alike, e.g. "
+                           "no episode accepted), so the words got no policy gradient: a reward this sparse teaches "
+                           "nothing (train/learning_replies is the share of replies that had an advantage)")
         self.iterations += 1
         # 5. log
         self.log_step(episodes, exp, kl_per_reply, {**stats, **seconds})
@@ -625,6 +632,7 @@ class PPOModule(PolicyModule):
             "response_length": mask.sum(1).float().mean(),
             "return": exp.returns_per_reply.mean(),
             "advantage_std": exp.advantages[mask].std() if mask.sum() > 1 else torch.tensor(0.0),
+            "learning_replies": (exp.advantages.abs() * mask).amax(1).gt(0).float().mean(),
             **stats,
         }
         if self.uses_critic:

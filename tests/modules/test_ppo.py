@@ -63,6 +63,7 @@ def test_ppo_smoke(tiny_recommender, tiny_reward, options):
     assert {f"val/{key}" for key in ("reward", "kl", "response_length")} <= trainer.callback_metrics.keys()
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert 0 < metrics["response_length"] <= 8
+    assert metrics["learning_replies"] > 0  # R_phi scores every reply differently: every step has advantages
     assert module.iterations == 2 and metrics["kl_coef"] != 0.05
 
 
@@ -489,3 +490,15 @@ def test_a_non_finite_loss_stops_ppo_before_the_optimizer_steps(tiny_policy, mon
     with pytest.raises(NonFiniteError, match="PPO: the loss at optimizer step 0 is nan"):
         _fit(module, tiny_policy, steps=1)
     assert all(torch.equal(param, before[name]) for name, param in module.named_parameters())
+
+
+def test_ppo_warns_when_a_step_gives_the_words_no_advantage(tiny_policy):
+    # the tiny policy never recommends, so no simulated user accepts: every GRPO group's rewards are alike (all 0)
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator", max_turns=1,
+                       advantage_estimator="grpo", group_size=2, max_new_tokens=8, minibatch_size=4,
+                       micro_batch_size=4)
+    module.configure_model()
+    with pytest.warns(UserWarning, match="PPO iteration 0: every reply's advantage is 0") as record:
+        trainer = _fit(module, tiny_policy, steps=2)
+    assert sum("advantage is 0" in str(w.message) for w in record) == 1  # once per run
+    assert trainer.callback_metrics["train/learning_replies"].item() == 0.0
