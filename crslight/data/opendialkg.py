@@ -25,14 +25,14 @@ Conversion rules:
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import sys
 import zlib
 from collections import Counter
 from pathlib import Path
 
-from crslight.data.errors import DataError, LoadReport
+from crslight.data.errors import DataError, LoadReport, parse_json, read_text
 from crslight.data.schema import RECOMMENDER, SEEKER, turn
 
 FILES = ["opendialkg.csv", "opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"]
@@ -45,40 +45,40 @@ CATALOGUES = ("recommended", "entities")
 
 def read_catalogue(root: Path) -> list[dict]:
     degree: Counter[str] = Counter()
-    with open(root / "opendialkg_triples.txt", encoding="utf-8") as f:
-        for line in f:
+    for line in read_text(root / "opendialkg_triples.txt").split("\n"):
+        if line:
             parts = line.rstrip("\n").split("\t")
             if len(parts) == 3:
                 degree[parts[0]] += 1
                 degree[parts[2]] += 1
-    with open(root / "opendialkg_entities.txt", encoding="utf-8") as f:
-        names = list(dict.fromkeys(n.strip() for n in f if n.strip()))
+    path = root / "opendialkg_entities.txt"
+    names = list(dict.fromkeys(n.strip() for n in read_text(path).split("\n") if n.strip()))
+    if not names:
+        raise DataError(path, "no entities: expected one entity name per line")
     return [{"item_id": n, "name": n, "popularity": float(degree[n]), "attributes": ""} for n in names]
 
 
 def _rating(cell: str, path: Path, row: int, field: str) -> float:
-    try:
-        value = json.loads(cell) if cell.strip() else {}
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e.msg})", line=row, field=field) from None
+    value = parse_json(cell, path, row, field) if cell.strip() else {}
     if not isinstance(value, dict):
         raise DataError(path, f"expected a JSON object such as {{\"dialog_rating\": \"4\"}}, got {cell!r:.60}", row, field)
     if "dialog_rating" not in value:
         return math.nan
     try:
-        return float(value["dialog_rating"])
+        rating = float(value["dialog_rating"])
     except (TypeError, ValueError):
-        raise DataError(path, f"expected a number, got {value['dialog_rating']!r}", row, f"{field}.dialog_rating") from None
+        rating = math.nan
+    if not 1 <= rating <= 5:  # NaN fails too
+        raise DataError(path, f"expected a rating from 1 to 5, got {value['dialog_rating']!r}", row,
+                        f"{field}.dialog_rating")
+    return rating
 
 
 def convert_row(row: list[str], path: Path, row_no: int, entities: set[str], report: LoadReport) -> dict:
     """One official CSV record → the canonical schema (see the module docstring for the rules)."""
     if len(row) != 3:
         raise DataError(path, f"expected 3 columns (Messages, User Rating, Assistant Rating), got {len(row)}", row_no)
-    try:
-        actions = json.loads(row[0])
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e.msg} at column {e.colno})", row_no, "Messages") from None
+    actions = parse_json(row[0], path, row_no, "Messages")
     if not isinstance(actions, list):
         raise DataError(path, f"expected a JSON list of actions, got {type(actions).__name__}", row_no, "Messages")
     rating = _rating(row[1], path, row_no, "User Rating")
@@ -147,7 +147,7 @@ def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool,
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     path = root / "opendialkg.csv"
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["Messages", "User Rating", "Assistant Rating"]:
@@ -161,6 +161,8 @@ def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool,
                 report.skip(e)
                 continue
             splits[split_of(row[0])].append(dialogue)
+    if not any(splits.values()):
+        raise DataError(path, "no dialogues: expected one record per row after the header")
     if catalogue_of == "recommended":
         splits, catalogue = recommended_only(splits, catalogue)
     return splits, catalogue

@@ -19,12 +19,13 @@ Conversion rules:
 from __future__ import annotations
 
 import csv
-import json
+import io
+import math
 import re
 import zlib
 from pathlib import Path
 
-from crslight.data.errors import DataError, LoadReport
+from crslight.data.errors import DataError, LoadReport, check_ids, parse_json, read_text
 from crslight.data.schema import RECOMMENDER, SEEKER, turn
 
 FILES = ["train_data.jsonl", "test_data.jsonl", "movies_with_mentions.csv"]
@@ -39,7 +40,7 @@ def clean_title(title: str) -> str:
 
 def read_catalogue(path: Path, report: LoadReport, skip_bad_rows: bool) -> list[dict]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["movieId", "movieName", "nbMentions"]:
@@ -67,6 +68,8 @@ def read_catalogue(path: Path, report: LoadReport, skip_bad_rows: bool) -> list[
                 {"item_id": movie_id, "name": name, "popularity": popularity,
                  "attributes": f"year={year.group(1)}" if year else ""}
             )
+    if not rows:
+        raise DataError(path, "no movies: expected one 'movieId,movieName,nbMentions' row per movie after the header")
     return rows
 
 
@@ -109,6 +112,9 @@ def convert_dialogue(raw: dict, titles: dict[str, str], path: Path, line: int, r
         text = _expect(msg.get("text"), str, path, line, f"{field}.text", "a string")
         sender = _expect(msg.get("senderWorkerId"), int, path, line, f"{field}.senderWorkerId", "an integer worker id")
         offset = _expect(msg.get("timeOffset"), (int, float), path, line, f"{field}.timeOffset", "a number of seconds")
+        if not (math.isfinite(offset) and offset >= 0):
+            raise DataError(path, f"expected a finite number of seconds, 0 or more, got {offset!r}", line=line,
+                            field=f"{field}.timeOffset")
         items: list[str] = []
 
         def substitute(match: re.Match, items: list[str] = items) -> str:
@@ -140,22 +146,26 @@ def convert_dialogue(raw: dict, titles: dict[str, str], path: Path, line: int, r
     return {"dialogue_id": conv_id, "turns": turns, "labels": labels, "rating": float("nan"), "persona": ""}
 
 
-def read_dialogues(path: Path, titles: dict[str, str], report: LoadReport, skip_bad_rows: bool):
-    """Yields canonical dialogues from one official JSONL file; errors name the file, line and field."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"not valid JSON ({e.msg} at column {e.colno})", line=line_no) from None
-                yield convert_dialogue(raw, titles, path, line_no, report)
-            except DataError as e:
-                if not skip_bad_rows:
-                    raise
-                report.skip(e)
+def read_dialogues(path: Path, titles: dict[str, str], report: LoadReport, skip_bad_rows: bool,
+                   seen: dict[str, tuple[str, int]] | None = None) -> list[dict]:
+    """Canonical dialogues from one official JSONL file; errors name the file, line and field. ``seen``: the dialogue
+    ids read so far (from other files too), since no dialogue may come twice. An empty file is an error."""
+    dialogues = []
+    seen = {} if seen is None else seen
+    for line_no, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            dialogue = convert_dialogue(parse_json(line, path, line_no), titles, path, line_no, report)
+            check_ids(path, [(dialogue["dialogue_id"], line_no)], "conversationId", seen)
+            dialogues.append(dialogue)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            report.skip(e)
+    if not dialogues:
+        raise DataError(path, "no dialogues: expected one JSON record per line")
+    return dialogues
 
 
 def is_valid(dialogue_id: str) -> bool:
@@ -166,7 +176,8 @@ def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool) -> tuple[di
     catalogue = read_catalogue(root / "movies_with_mentions.csv", report, skip_bad_rows)
     titles = {row["item_id"]: row["name"] for row in catalogue}
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
-    for d in read_dialogues(root / "train_data.jsonl", titles, report, skip_bad_rows):
+    seen: dict[str, tuple[str, int]] = {}
+    for d in read_dialogues(root / "train_data.jsonl", titles, report, skip_bad_rows, seen):
         splits["valid" if is_valid(d["dialogue_id"]) else "train"].append(d)
-    splits["test"] = list(read_dialogues(root / "test_data.jsonl", titles, report, skip_bad_rows))
+    splits["test"] = read_dialogues(root / "test_data.jsonl", titles, report, skip_bad_rows, seen)
     return splits, catalogue

@@ -78,3 +78,29 @@ def test_bad_json_names_row_and_field(opendialkg_root, tmp_path):
     with pytest.raises(DataError, match=r"opendialkg\.csv, line 2, field 'Messages': not valid JSON"):
         load_corpus("opendialkg", root, "train")
     assert load_corpus("opendialkg", root, "train", skip_bad_rows=True).report.bad_rows == 1
+
+
+@pytest.mark.parametrize("rating", ['"99"', '"-7"', '"NaN"', '"four"'])
+def test_a_rating_outside_1_to_5_names_row_and_field(opendialkg_root, tmp_path, rating):
+    root = tmp_path / "o"
+    root.mkdir()
+    for name in ("opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"):
+        (root / name).symlink_to(opendialkg_root / name)
+    cell = '"{""dialog_rating"": ' + rating.replace('"', '""') + '}"'
+    (root / "opendialkg.csv").write_text(f'Messages,User Rating,Assistant Rating\n"[]",{{}},{{}}\n"[]",{cell},{{}}\n')
+    with pytest.raises(DataError, match=r"line 2, field 'User Rating\.dialog_rating': expected a rating from 1 to 5"):
+        load_corpus("opendialkg", root, "train")
+
+
+def test_empty_or_non_utf8_files_name_the_file(opendialkg_root, tmp_path):
+    root = tmp_path / "o"
+    root.mkdir()
+    for name in ("opendialkg_relations.txt", "opendialkg_triples.txt"):
+        (root / name).symlink_to(opendialkg_root / name)
+    (root / "opendialkg_entities.txt").write_bytes(b"Heat\nAmerican Beauty \xff\n")
+    (root / "opendialkg.csv").write_text("Messages,User Rating,Assistant Rating\n")
+    with pytest.raises(DataError, match=r"opendialkg_entities\.txt, line 2: not UTF-8 text: byte 0xff at column 17"):
+        load_corpus("opendialkg", root, "train")
+    (root / "opendialkg_entities.txt").write_text("Heat\n")
+    with pytest.raises(DataError, match=r"opendialkg\.csv: no dialogues"):
+        load_corpus("opendialkg", root, "train")

@@ -118,3 +118,61 @@ def test_missing_file_lists_expected(redial_root, tmp_path):
     (root / "test_data.jsonl").write_text("")
     with pytest.raises(DataError, match="missing train_data.jsonl, movies_with_mentions.csv.*official layout"):
         load_corpus("redial", root, "test")
+
+
+def _edit_file(root, name, edit):
+    path = root / name
+    path.write_bytes(edit(path.read_bytes()))
+
+
+def _second_record_with(**fields):
+    def edit(line):
+        raw = json.loads(line)
+        raw.update(fields)
+        return json.dumps(raw)
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "expected"),
+    [
+        ("train_data.jsonl", lambda b: b.replace(b"\n", b"\n\xff\xfe", 1),
+         r"train_data\.jsonl, line 2: not UTF-8 text: byte 0xff at column 1"),
+        ("train_data.jsonl", lambda b: b + b"[" * 100_000 + b"\n", r"train_data\.jsonl, line 6: JSON nested too deeply"),
+        ("train_data.jsonl", lambda b: b"\n", r"train_data\.jsonl: no dialogues"),
+        ("test_data.jsonl", lambda b: b"", r"test_data\.jsonl: no dialogues"),
+        ("movies_with_mentions.csv", lambda b: b.split(b"\n")[0] + b"\n", r"movies_with_mentions\.csv: no movies"),
+        ("movies_with_mentions.csv", lambda b: b[:40] + b"\xe9" + b[40:], r"movies_with_mentions\.csv, line \d+: not UTF-8"),
+    ],
+    ids=["non-utf8", "deep-json", "empty-train", "empty-test", "header-only-catalogue", "non-utf8-catalogue"],
+)
+def test_unreadable_or_empty_files_name_the_file_and_line(redial_root, tmp_path, name, edit, expected):
+    root = copy_layout(redial_root, tmp_path / "r")
+    _edit_file(root, name, edit)
+    with pytest.raises(DataError, match=expected):
+        load_corpus("redial", root, "train")
+
+
+def test_a_dialogue_twice_or_a_test_dialogue_in_train_is_an_error(redial_root, tmp_path):
+    first = json.loads((redial_root / "train_data.jsonl").read_text().splitlines()[0])["conversationId"]
+    root = copy_layout(redial_root, tmp_path / "r", edit_line=_second_record_with(conversationId=first))
+    with pytest.raises(DataError, match=rf"train_data\.jsonl, line 2, field 'conversationId': '{first}' is already the "
+                                        r"id of the dialogue at line 1 earlier in this file"):
+        load_corpus("redial", root, "train")
+    test_id = json.loads((redial_root / "test_data.jsonl").read_text().splitlines()[3])["conversationId"]
+    root = copy_layout(redial_root, tmp_path / "leak", edit_line=_second_record_with(conversationId=test_id))
+    with pytest.raises(DataError, match=rf"test_data\.jsonl, line 4, field 'conversationId': '{test_id}' is already "
+                                        r"the id of the dialogue at line 2 in .*train_data\.jsonl"):
+        load_corpus("redial", root, "train")
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), -3])
+def test_a_time_offset_must_be_finite_and_not_negative(redial_root, tmp_path, offset):
+    def bad(line):
+        raw = json.loads(line)
+        raw["messages"][1]["timeOffset"] = offset
+        return json.dumps(raw)
+
+    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad)
+    with pytest.raises(DataError, match=r"line 2, field 'messages\[1\]\.timeOffset': expected a finite number"):
+        load_corpus("redial", root, "train")
