@@ -11,6 +11,8 @@ without a traceback and exits with code 2 (:func:`crslight.cli.main`), and the c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,3 +47,18 @@ def check_loss(loss: torch.Tensor, stage: str, step: int, parts: dict[str, torch
     raise NonFiniteError(f"{stage}: the loss at optimizer step {step} is {float(loss.detach().float().sum())}{which}; "
                          "training stops before the weights change (lower the learning rate, check the data and the "
                          "rewards; the last checkpoint written is intact)")
+
+
+def require_positive(**options: float | None) -> None:
+    """Raises ``ValueError`` naming the first option (keyword) that is not a finite number above 0 (None is allowed:
+    "not set"); constructors call it, so the command line reports ``error: Class: lr must be ...``."""
+    for name, value in options.items():
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+
+
+def require_non_negative(**options: float | None) -> None:
+    """Like :func:`require_positive`, for options that may be 0."""
+    for name, value in options.items():
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number, 0 or more, got {value!r}")

@@ -117,7 +117,8 @@ class CRSLightningCLI(LightningCLI):
             if found is None:
                 raise
             owner, cause = found
-            sys.exit(f"error: {owner}: {cause}")
+            print(f"error: {owner}: {cause}", file=sys.stderr)
+            sys.exit(2)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from crslight.cli import main
 
 
@@ -29,9 +31,10 @@ def test_a_constructor_rejecting_an_option_ends_with_its_message(monkeypatch, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", "configs/synthetic/ppo.yaml", "--model.init_args.optimizer_in_backward=true",
               "--trainer.logger=false"])
-    message = str(exit_info.value)
-    assert message.startswith("error: PPOModule: optimizer_in_backward ")
-    assert "gradient_clip_val to null (got 1.0)" in message and "Traceback" not in message
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "\nerror: PPOModule: optimizer_in_backward " in "\n" + message
+    assert "gradient_clip_val to null (got 1.0)" in message and "raise ValueError" not in message
 
 
 def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch, capsys):
@@ -64,4 +67,23 @@ def test_a_data_error_inside_fit_ends_with_exit_code_2_and_no_traceback(tiny_pol
                  "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.precision=32-true"])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"crslight: error: {tmp_path}" in err and "missing train_data.jsonl" in err and "Traceback" not in err
+    assert f"crslight: error: {tmp_path}" in err and "missing train_data.jsonl" in err
+    assert err.rstrip().splitlines()[-1].startswith("crslight: error: ") and "raise DataError" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("--model.init_args.lr=-1e-4", "error: PPOModule: lr must be a finite number above 0, got -0.0001"),
+     ("--data.init_args.batch_size=-8", "error: Synthetic: batch_size must be a finite number above 0, got -8"),
+     ("--model.init_args.kl_coef=-0.1", "error: PPOModule: kl_coef must be a finite number, 0 or more, got -0.1")],
+    ids=["lr", "batch-size", "kl-coef"],
+)
+def test_a_bad_number_in_a_config_ends_with_its_name_and_exit_code_2(monkeypatch, capsys, option, expected):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/synthetic/ppo.yaml", option, "--trainer.logger=false"])
+    err = capsys.readouterr().err
+    # the message is all that is printed of the error (no traceback of the raise; other tests' log noise aside)
+    assert exit_info.value.code == 2 and err.rstrip().splitlines()[-1] == expected and "raise ValueError" not in err

@@ -23,6 +23,7 @@ from crslight.data.corpus import Corpus, load_corpus
 from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
 from crslight.data.schema import RECOMMENDER, context_lines, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
+from crslight.guards import require_positive
 
 IGNORE_INDEX = -100
 
@@ -136,6 +137,7 @@ class CRSDataModule(LightningDataModule):
         pairs: PairOptions | None = None,
     ):
         super().__init__()
+        require_positive(batch_size=batch_size, max_length=max_length, max_samples=max_samples)
         if task not in ("sft", "prompts", "pairs"):
             raise ValueError(f"unknown task {task!r}: expected 'sft', 'prompts' or 'pairs'")
         self.save_hyperparameters(ignore=["pairs"])  # signal extractors hold caches; the CLI saves the config

@@ -87,7 +87,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.hooks import RemovableHandle
 
 from crslight.data.datamodules import PromptBatch
-from crslight.guards import check_loss
+from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import apply_lora, disabled_adapters
 from crslight.models.memory import release_heap
@@ -336,6 +336,8 @@ class PPOModule(PolicyModule):
         eval_max_new_tokens: int = 40,
         eval_reward_model: str | None = None,
     ) -> None:
+        require_positive(lr=lr, max_new_tokens=max_new_tokens, item_temperature=item_temperature)
+        require_non_negative(kl_coef=kl_coef, warmup_steps=warmup_steps, ppo_epochs=ppo_epochs, temperature=temperature)
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code, item_text_model=item_text_model)
         if micro_batch_size < 1 or minibatch_size < micro_batch_size:

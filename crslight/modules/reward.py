@@ -46,7 +46,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import BertConfig, BertModel
 
 from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
-from crslight.guards import check_loss
+from crslight.guards import check_loss, require_positive
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
@@ -174,6 +174,7 @@ class RewardModule(LightningModule):
         read_items: bool = False,
     ) -> None:
         super().__init__()
+        require_positive(lr=lr)
         if encoding not in ("cross", "siamese"):
             raise ValueError(f"encoding must be 'cross' or 'siamese', got {encoding!r}")
         if loss not in ("bradley_terry", "regression", "both"):

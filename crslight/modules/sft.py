@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
-from crslight.guards import check_loss
+from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
 from crslight.modules.policy import PolicyModule
@@ -163,6 +163,8 @@ class SFTModule(PolicyModule):
         eval_max_new_tokens: int = 40,
         eval_reward_model: str | None = None,
     ) -> None:
+        require_positive(lr=lr)
+        require_non_negative(weight_decay=weight_decay, warmup_steps=warmup_steps)
         super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                          gradient_checkpointing, trust_remote_code, item_text_turns, item_text_model)
         if accumulate_grad_batches < 1:
