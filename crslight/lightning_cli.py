@@ -103,6 +103,34 @@ def cpu_precision(precision, accelerator) -> object:
     return precision
 
 
+def checked_checkpoint(ckpt_path: str) -> Path | str:
+    """``--ckpt_path``'s checkpoint file (a run folder stands for its newest ``.ckpt``); a path that is missing, an
+    empty folder, or a file that is not a whole PyTorch checkpoint (text, random bytes, a truncated copy) ends the
+    command here with a message and exit code 2, instead of a traceback from deep inside ``torch.load``."""
+    import zipfile
+
+    from crslight.modules.policy import find_checkpoint
+
+    def fail(why: str) -> None:
+        print(f"error: --ckpt_path {ckpt_path}: {why}", file=sys.stderr)
+        sys.exit(2)
+
+    if "://" in str(ckpt_path):  # a remote checkpoint (fsspec): Lightning reads it
+        return ckpt_path
+    path = Path(ckpt_path)
+    if not path.exists():
+        fail("no such file or folder")
+    try:
+        found = find_checkpoint(path)
+    except FileNotFoundError as error:
+        fail(str(error))
+    if found is None:
+        fail("a transformers model folder, not a training checkpoint (use it as model.init_args.init_from)")
+    if not zipfile.is_zipfile(found):  # torch.save writes a zip archive; a truncated one lost its directory
+        fail(f"{found} is not a complete PyTorch checkpoint (not a zip archive: truncated, or not a checkpoint)")
+    return found
+
+
 class CRSLightningCLI(LightningCLI):
     """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` and ``test_episodes.jsonl``
     written after ``test``)."""
@@ -122,8 +150,13 @@ class CRSLightningCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones
-        (``eval_*``: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept."""
+        (``eval_*``: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept. A bad
+        ``ckpt_path`` ends the command first (:func:`checked_checkpoint`)."""
         subcommand = self.config.get("subcommand")
+        # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            self.config[subcommand]["ckpt_path"] = str(checked_checkpoint(ckpt_path))
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: v for k, v in dict(init_args or {}).items() if k.startswith("eval_")}
         super()._parse_ckpt_path()
@@ -136,12 +169,6 @@ class CRSLightningCLI(LightningCLI):
         if config is not None and config.get("trainer") is not None:
             trainer = config["trainer"]
             trainer["precision"] = cpu_precision(trainer.get("precision"), trainer.get("accelerator"))
-        # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
-        ckpt_path = config.get("ckpt_path") if config is not None else None
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).is_dir():
-            from crslight.modules.policy import find_checkpoint
-
-            config["ckpt_path"] = str(find_checkpoint(ckpt_path))
 
     def after_test(self) -> None:
         write_test_metrics(self.trainer)

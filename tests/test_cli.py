@@ -87,3 +87,29 @@ def test_a_bad_number_in_a_config_ends_with_its_name_and_exit_code_2(monkeypatch
     err = capsys.readouterr().err
     # the message is all that is printed of the error (no traceback of the raise; other tests' log noise aside)
     assert exit_info.value.code == 2 and err.rstrip().splitlines()[-1] == expected and "raise ValueError" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-folder", "text", "random-bytes", "truncated"])
+def test_a_bad_ckpt_path_ends_with_its_name_and_exit_code_2(monkeypatch, capsys, tmp_path, kind):
+    from pathlib import Path
+
+    path = tmp_path / ("run" if kind == "empty-folder" else "model.ckpt")
+    if kind == "empty-folder":
+        path.mkdir()
+    elif kind == "text":
+        path.write_text("epoch=3\n")
+    elif kind == "random-bytes":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "truncated":
+        import torch
+
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "-c", "configs/synthetic/sft.yaml", f"--ckpt_path={path}", "--trainer.logger=false"])
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    expected = {"missing": "no such file or folder", "empty-folder": "no .ckpt file under",
+                "text": "is not a complete PyTorch checkpoint", "random-bytes": "is not a complete PyTorch checkpoint",
+                "truncated": "is not a complete PyTorch checkpoint"}[kind]
+    assert exit_info.value.code == 2 and last.startswith(f"error: --ckpt_path {path}: ") and expected in last
