@@ -2,7 +2,8 @@
 
 The key hashes the source files' paths, sizes and modification times, the converter's version and its options, so an
 edited or replaced download is converted again. A build writes into a temporary folder beside the entry and renames it
-into place only when complete: a failure leaves nothing behind.
+into place only when complete: a failure leaves nothing behind, and the temporary folder of a build that was killed
+(``kill -9``) is removed by the next build of the same entry. An entry that cannot be read back is converted again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +50,14 @@ def cached(
     if not enabled:
         return build()
     entry = cache_root() / "data" / name / key
+    _remove_stale_builds(entry)
     if (entry / "meta.json").is_file():
-        return _load(entry)
+        try:
+            return _load(entry)
+        except Exception as error:  # a damaged entry (edited, truncated): convert again rather than fail
+            warnings.warn(f"the data cache entry {entry} could not be read ({type(error).__name__}: {error}); "
+                          "converting the source again", stacklevel=2)
+            shutil.rmtree(entry, ignore_errors=True)
     data, meta = build()
     # datasets cannot reload a split saved with no rows: store its schema in meta and rebuild it on load
     meta = {**meta, "empty": {k: v.features.to_dict() for k, v in data.items() if len(v) == 0}}
@@ -68,6 +77,23 @@ def cached(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _load(entry)
+
+
+STALE_BUILD_SECONDS = 600
+
+
+def _remove_stale_builds(entry: Path) -> None:
+    """Removes the temporary folders of builds of ``entry`` that were killed (no conversion takes 10 minutes: one
+    older than that is no other process's build in progress)."""
+    if not entry.parent.is_dir():
+        return
+    cutoff = time.time() - STALE_BUILD_SECONDS
+    for old in entry.parent.glob(f".{entry.name}-*"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it first
+            pass
 
 
 def _load(entry: Path) -> tuple[datasets.DatasetDict, dict]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("redial", "opendialkg", "synthetic")
 SPLITS = ("train", "valid", "test")
 #: Bump when a converter's output changes, so old cache entries are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: empty files, duplicate or leaked dialogue ids, bad offsets and ratings are errors
 
 
 @dataclass

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 from crslight.data.datamodules import IGNORE_INDEX, PromptBatch, SFTBatch, Synthetic, pad
@@ -156,3 +159,26 @@ def test_synthetic_eval_splits_have_their_own_size(tiny_tokenizer, tmp_path, mon
     # the same world: the train split and the catalogue do not depend on the evaluation size
     assert small.corpus("train").dialogues["turns"] == default.corpus("train").dialogues["turns"]
     assert small.corpus("test").catalogue["name"] == default.corpus("test").catalogue["name"]
+
+
+def test_the_cache_removes_killed_builds_and_rebuilds_a_damaged_entry(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from crslight.data.corpus import load_corpus
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    first = load_corpus("synthetic", None, "test", n_dialogues=30)
+    (entry,) = (tmp_path / "data" / "synthetic").iterdir()
+    killed, running = entry.parent / f".{entry.name}-killed", entry.parent / f".{entry.name}-running"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "part").write_bytes(b"x" * 1000)
+    hour_ago = time.time() - 3600
+    os.utime(killed, (hour_ago, hour_ago))
+    (entry / "meta.json").write_text("{not json")  # damaged by hand
+    with pytest.warns(UserWarning, match="could not be read .* converting the source again"):
+        again = load_corpus("synthetic", None, "test", n_dialogues=30)
+    assert again.dialogues["dialogue_id"] == first.dialogues["dialogue_id"]
+    assert not killed.exists() and running.exists()  # a build of the last 10 minutes may be another process's
+    assert json.loads((entry / "meta.json").read_text())
