@@ -156,7 +156,24 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
             _convert_gguf_model(gguf, cache_name)
         return str(target)
     path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+    if path.is_dir():
+        return str(path.resolve())
+    if looks_like_a_path(name_or_path):
+        from crslight.data.errors import DataError
+
+        raise DataError(name_or_path, "no such model folder or file: expected a transformers folder, a .gguf file, a "
+                        "crslight checkpoint or run folder (init_from), or an alias (smollm2, minilm)")
+    return str(name_or_path)
+
+
+def looks_like_a_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/name``): it starts with ``/``, ``.`` or
+    ``~``, has more than one ``/``, ends like a file (``.ckpt``, ``.gguf``, ``.safetensors``, ``.bin``), or its folder
+    exists here (``runs/sft`` where ``runs`` is a local folder)."""
+    text = str(name)
+    parent = Path(text).expanduser().parent
+    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+            or text.endswith((".ckpt", ".gguf", ".safetensors", ".bin")) or (parent != Path(".") and parent.is_dir()))
 
 
 def resolve_tokenizer_path(name_or_path: str | os.PathLike) -> str:

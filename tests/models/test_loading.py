@@ -143,3 +143,16 @@ def test_smollm2_gguf_converts_once_to_safetensors():
     )
     out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("name", ["./runs/nothing", "runs/sft/nothing", "sft.ckpt", "{tmp}/missing"])
+def test_a_missing_local_model_path_is_a_clear_error_not_a_hub_lookup(tmp_path, monkeypatch, name):
+    from crslight.data.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(DataError, match=f"{name}: no such model folder or file: expected a transformers folder"):
+        resolve_model_path(name)
+    with pytest.raises(DataError, match="no such model folder"):
+        resolve_model_path("runs/sft")  # "runs" is a local folder: a path, not the hub id runs/sft
