@@ -20,20 +20,16 @@ class NonFiniteError(RuntimeError):
     """A reward, score or loss that training was about to use is NaN or infinite."""
 
 
-def _describe(values: torch.Tensor, allow_nan: bool = False) -> str:
-    bad = torch.isinf(values) if allow_nan else ~torch.isfinite(values)
-    kinds = [name for name, hit in (("NaN", values.isnan().any() and not allow_nan), ("+inf", (values == float("inf")).any()),
-                                    ("-inf", (values == float("-inf")).any())) if hit]
-    return f"{int(bad.sum())} of {values.numel()} values are {'/'.join(kinds)}"
-
-
 def check_scores(values: torch.Tensor, source: str, allow_nan: bool = False) -> None:
     """Raises :class:`NonFiniteError` when ``values`` (one score per reply, from ``source``) has an infinite value, or a
     NaN unless ``allow_nan`` (a signal's "not observed")."""
     bad = torch.isinf(values) if allow_nan else ~torch.isfinite(values)
     if bool(bad.any()):
-        raise NonFiniteError(f"{source} gave non-finite scores: {_describe(values, allow_nan)}; training stops before they reach "
-                             "the policy (check the reward model's checkpoint and the signal's inputs)")
+        kinds = [name for name, hit in (("NaN", values.isnan().any() and not allow_nan),
+                                        ("+inf", (values == math.inf).any()), ("-inf", (values == -math.inf).any())) if hit]
+        raise NonFiniteError(f"{source} gave non-finite scores: {int(bad.sum())} of {values.numel()} values are "
+                             f"{'/'.join(kinds)}; training stops before they reach the policy (check the reward "
+                             "model's checkpoint and the signal's inputs)")
 
 
 def check_loss(loss: torch.Tensor, stage: str, step: int, parts: dict[str, torch.Tensor] | None = None) -> None:
@@ -49,16 +45,20 @@ def check_loss(loss: torch.Tensor, stage: str, step: int, parts: dict[str, torch
                          "rewards; the last checkpoint written is intact)")
 
 
+def _require(options: dict[str, float | None], above_zero: bool) -> None:
+    what = "above 0" if above_zero else "0 or more"
+    for name, value in options.items():
+        ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if above_zero else value >= 0)
+        if value is not None and not ok:
+            raise ValueError(f"{name} must be a finite number{' ' if above_zero else ', '}{what}, got {value!r}")
+
+
 def require_positive(**options: float | None) -> None:
     """Raises ``ValueError`` naming the first option (keyword) that is not a finite number above 0 (None is allowed:
     "not set"); constructors call it, so the command line reports ``error: Class: lr must be ...``."""
-    for name, value in options.items():
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+    _require(options, above_zero=True)
 
 
 def require_non_negative(**options: float | None) -> None:
     """Like :func:`require_positive`, for options that may be 0."""
-    for name, value in options.items():
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number, 0 or more, got {value!r}")
+    _require(options, above_zero=False)
