@@ -148,7 +148,7 @@ def test_records_are_gathered_from_every_rank_by_episode_index(tmp_path):
         assert [r["rank"] for r in gathered] == [0, 1, 0, 1, 0]
 
 
-def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch):
+def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
     run_lightning_cli(cli_args("fit", tiny_policy, tmp_path / "fit", "--trainer.max_steps=2",
                                "--trainer.limit_val_batches=0"))  # trained with eval_episodes=3
@@ -159,5 +159,7 @@ def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch):
     # test-time options come from this command line, not from the checkpoint's hyperparameters
     assert cli.model.hparams.eval_episodes == 0
     assert "test/satisfaction" not in cli.trainer.callback_metrics
-    with pytest.raises(FileNotFoundError, match="no .ckpt file under"):
+    with pytest.raises(SystemExit) as exit_info:  # a folder with no checkpoint: a message and exit code 2
         run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'test'}"))
+    assert exit_info.value.code == 2
+    assert "no .ckpt file under" in capsys.readouterr().err
