@@ -60,18 +60,19 @@ def parse_json(text: str, path: str | Path, line: int, field: str | None = None)
         raise DataError(path, "JSON nested too deeply to be a record of this format", line=line, field=field) from None
 
 
-def check_ids(path: str | Path, ids: list[tuple[str, int]], field: str, seen: dict[str, tuple[str, int]] | None = None
-              ) -> None:
+def check_ids(path: str | Path, ids: list[tuple[str, int]], field: str, seen: dict[str, tuple[str, int]] | None = None,
+              what: str = "dialogue") -> None:
     """Raises a :class:`DataError` at the first ``(id, line)`` of ``ids`` that repeats one before it, in this file or in
-    ``seen`` (id → (file, line) of another file; updated): a duplicated dialogue, or one split's dialogue in another."""
+    ``seen`` (id → (file, line) of another file; updated): a duplicated dialogue, or one split's dialogue in another
+    (``what``: the kind of record, e.g. ``movie`` for a catalogue)."""
     seen = {} if seen is None else seen
+    why = " (a test dialogue in the training file leaks the answers)" if what == "dialogue" else ""
     for value, line in ids:
         if value in seen:
             other_path, other_line = seen[value]
             where = "earlier in this file" if other_path == str(path) else f"in {other_path}"
-            raise DataError(path, f"{value!r} is already the id of the dialogue at line {other_line} {where}: each "
-                            "dialogue once (a test dialogue in the training file leaks the answers)", line=line,
-                            field=field)
+            raise DataError(path, f"{value!r} is already the id of the {what} at line {other_line} {where}: each "
+                            f"{what} once{why}", line=line, field=field)
         seen[value] = (str(path), line)
 
 

@@ -165,6 +165,10 @@ def load_splits(root: Path, report: LoadReport, skip_bad_rows: bool,
         raise DataError(path, "no dialogues: expected one record per row after the header")
     if catalogue_of == "recommended":
         splits, catalogue = recommended_only(splits, catalogue)
+        if not catalogue:
+            raise DataError(path, "no item is recommended: no recommender turn names an entity of "
+                            "opendialkg_entities.txt through a kgwalk/choose_path action, so the published catalogue "
+                            "is empty (--catalogue entities ranks every entity instead)")
     return splits, catalogue
 
 

@@ -39,7 +39,7 @@ def clean_title(title: str) -> str:
 
 
 def read_catalogue(path: Path, report: LoadReport, skip_bad_rows: bool) -> list[dict]:
-    rows = []
+    rows, ids = [], {}
     with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -52,6 +52,7 @@ def read_catalogue(path: Path, report: LoadReport, skip_bad_rows: bool) -> list[
                 movie_id, name, mentions = row[0].strip(), clean_title(row[1]), row[2].strip()
                 if not movie_id.isdigit():
                     raise DataError(path, f"expected an integer id, got {movie_id!r}", line=row_no, field="movieId")
+                check_ids(path, [(movie_id, row_no)], "movieId", ids, what="movie")
                 try:
                     popularity = float(mentions)
                 except ValueError:
@@ -139,9 +140,9 @@ def convert_dialogue(raw: dict, titles: dict[str, str], path: Path, line: int, r
         else:
             turns.append(turn(role, text, list(dict.fromkeys(items)), time=float(offset)))
 
-    answers = _questions(raw.get("initiatorQuestions"), path, line, "initiatorQuestions") or _questions(
-        raw.get("respondentQuestions"), path, line, "respondentQuestions"
-    )
+    seeker_answers = _questions(raw.get("initiatorQuestions"), path, line, "initiatorQuestions")
+    answers = _questions(raw.get("respondentQuestions"), path, line, "respondentQuestions")  # both checked
+    answers = seeker_answers or answers
     labels = [{"item": str(k), **{f: int(v[f]) for f in ("suggested", "seen", "liked")}} for k, v in answers.items()]
     return {"dialogue_id": conv_id, "turns": turns, "labels": labels, "rating": float("nan"), "persona": ""}
 
