@@ -52,13 +52,13 @@ def read_catalogue(path: Path, report: LoadReport, skip_bad_rows: bool) -> list[
                 movie_id, name, mentions = row[0].strip(), clean_title(row[1]), row[2].strip()
                 if not movie_id.isdigit():
                     raise DataError(path, f"expected an integer id, got {movie_id!r}", line=row_no, field="movieId")
-                check_ids(path, [(movie_id, row_no)], "movieId", ids, what="movie")
                 try:
                     popularity = float(mentions)
                 except ValueError:
                     raise DataError(
                         path, f"expected a number, got {mentions!r}", line=row_no, field="nbMentions"
                     ) from None
+                check_ids(path, [(movie_id, row_no)], "movieId", ids, what="movie")
             except DataError as e:
                 if not skip_bad_rows:
                     raise
