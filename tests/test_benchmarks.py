@@ -215,3 +215,31 @@ def test_decoding_benchmark_times_both_samplers(tmp_path):
         row = results[precision]
         assert row["speedup"] == pytest.approx(row["generate"]["seconds"] / row["engine"]["seconds"], rel=0.02)
         assert row["engine"]["tokens_per_s"] == pytest.approx(2 * 4 / row["engine"]["seconds"], rel=0.02)
+
+
+def test_item_acceptance_checks_the_best_items_against_the_users_targets():
+    from crslight.data.schema import turn
+    from crslight.models.retrieval import ItemHead
+
+    spec = importlib.util.spec_from_file_location("item_acceptance", SCRIPT.parent / "item_acceptance.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids = ["A", "B", "C", "D"]
+    catalogue = {"item_id": ids, "name": ids, "popularity": [1.0] * 4, "attributes": [""] * 4}
+    # the seeker liked A (seen), had seen C, and liked B without having seen it: B is the target at the reply
+    labels = [{"item": "A", "suggested": 0, "seen": 1, "liked": 1}, {"item": "C", "suggested": 0, "seen": 1, "liked": 2},
+              {"item": "B", "suggested": 1, "seen": 0, "liked": 1}]
+    dialogue = {"dialogue_id": "1", "turns": [turn("seeker", "I loved A", ["A"]), turn("recommender", "Try B", ["B"])],
+                "labels": labels}
+    corpus = SimpleNamespace(catalogue=catalogue, item_index={i: k for k, i in enumerate(ids)}, dialogues=[dialogue])
+    head = ItemHead(4, torch.arange(4), torch.arange(4))
+    head.bias.data = torch.tensor([9.0, 1.0, 2.0, 0.0])  # A first, but it was mentioned: C, then B
+    rates = script.split_rates(head, corpus, (1, 2), (1.0,))
+    assert rates["start points"] == 1
+    assert rates["accepted@1"] == 0.0 and rates["accepted@2"] == 1.0 and rates["best item seen"] == 1.0
+    best, target, effective = rates["T=1"]
+    expected = torch.softmax(torch.tensor([1.0, 2.0, 0.0]), 0)  # A masked out
+    assert best == pytest.approx(float(expected[1])) and target == pytest.approx(float(expected[0]))
+    assert 1.0 < effective < 3.0
+    head.bias.data = torch.tensor([0.0, 3.0, 2.0, 0.0])
+    assert script.split_rates(head, corpus, (1,))["accepted@1"] == 1.0
