@@ -32,10 +32,9 @@ from crslight.simulator.grounded import GroundedSimulator
 def load_item_head(ckpt: str) -> ItemHead:
     """The item scores of a policy checkpoint, without the language model."""
     state = torch.load(find_checkpoint(ckpt), map_location="cpu", weights_only=True)["state_dict"]
-    key = next((k for k in state if k.endswith("item_head.bias")), None)
-    if key is None:
+    if "item_head.bias" not in state:
         raise SystemExit(f"error: --ckpt {ckpt}: this checkpoint has no item scores")
-    head = ItemHead.from_state_dict(state, key[: -len("bias")]).eval()
+    head = ItemHead.from_state_dict(state, "item_head.").eval()
     if head.reads_hidden:
         raise SystemExit(f"error: --ckpt {ckpt}: these item scores read the policy's hidden states; this script "
                          "scores the context alone (SFT's item_head_fits: context)")
