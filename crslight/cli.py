@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -123,9 +125,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args, argv)
-    except (DataError, NonFiniteError) as error:  # bad input or a run that cannot go on: the cause, not a traceback
-        print(f"crslight: error: {error}", file=sys.stderr)
+    except (DataError, NonFiniteError, pickle.UnpicklingError) as error:  # the cause, not a traceback
+        if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        print(f"crslight: error: {error_message(error)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+#: set to 1 to see the traceback of an error that crslight otherwise reports in one message
+DEBUG_ENV = "CRSLIGHT_DEBUG"
+
+
+def error_message(error: BaseException) -> str:
+    """The one-line report of an error that ends a command with exit code 2: bad input, a run that cannot go on, or
+    a checkpoint or cache file that a weights-only load refused (it holds Python objects beyond tensors)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (f"{error}: this file holds Python objects beyond weights, and crslight loads weights only "
+                "(torch.load weights_only=True); load only checkpoints and caches that you or crslight wrote")
+    return str(error)
 
 
 def _dispatch(args: list[str], argv: list[str] | None) -> int:

@@ -7,11 +7,18 @@ checks what it is about to learn from: the scores PPO turns into advantages (:fu
 each signal's values; a signal's NaN means "missing" and counts as 0, an infinite value is an error) and each loss
 before its backward pass (:func:`check_loss`). The run stops with :class:`NonFiniteError`; the command line prints it
 without a traceback and exits with code 2 (:func:`crslight.cli.main`), and the checkpoints already written stay.
+
+Files are guarded too: :func:`load_weights` is crslight's one ``torch.load``, weights only whatever the installed torch's
+default, and a refused file (one that holds Python objects: a planted payload) is named in the error.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,3 +69,22 @@ def require_positive(**options: float | None) -> None:
 def require_non_negative(**options: float | None) -> None:
     """Like :func:`require_positive`, for options that may be 0."""
     _require(options, above_zero=False)
+
+
+@contextmanager
+def naming_refused_file(path: str | Path):
+    """Re-raises a weights-only load's refusal (:class:`pickle.UnpicklingError`) with ``path`` in front, so the message
+    names the file that holds more than weights."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        lines = str(error).strip().splitlines()
+        raise pickle.UnpicklingError(f"{path}: {lines[0] if lines else type(error).__name__}") from error
+
+
+def load_weights(path: str | Path, map_location: str | torch.device | None = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, whatever the torch version's
+    default (before torch 2.6 it unpickled anything); a refused file raises :class:`pickle.UnpicklingError` naming
+    ``path``."""
+    with naming_refused_file(path):
+        return torch.load(path, map_location=map_location, weights_only=True)

@@ -19,6 +19,8 @@ from jsonargparse import set_docstring_parse_options
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from crslight.guards import naming_refused_file
+
 log = logging.getLogger(__name__)
 
 
@@ -151,15 +153,18 @@ class CRSLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones
         (``eval_*``: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept. A bad
-        ``ckpt_path`` ends the command first (:func:`checked_checkpoint`)."""
+        ``ckpt_path`` ends the command first (:func:`checked_checkpoint`), and the checkpoint loads weights only."""
         subcommand = self.config.get("subcommand")
         # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             self.config[subcommand]["ckpt_path"] = str(checked_checkpoint(ckpt_path))
+            if self.config[subcommand].get("weights_only") is None:  # weights only, whatever torch's default
+                self.config[subcommand]["weights_only"] = True
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: v for k, v in dict(init_args or {}).items() if k.startswith("eval_")}
-        super()._parse_ckpt_path()
+        with naming_refused_file(f"--ckpt_path {self.config[subcommand].get('ckpt_path')}" if subcommand else ""):
+            super()._parse_ckpt_path()
         if kept and self.config[subcommand].get("model.init_args") is not None:
             for key, value in kept.items():
                 self.config[subcommand]["model.init_args"][key] = value

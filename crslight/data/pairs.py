@@ -61,6 +61,7 @@ from crslight.data import synthetic
 from crslight.data.cache import cache_root
 from crslight.data.corpus import Corpus
 from crslight.data.schema import RECOMMENDER
+from crslight.guards import load_weights
 from crslight.signals import (
     AcceptanceSignal,
     CompositeLabel,
@@ -241,7 +242,7 @@ def signal_values(corpus: Corpus, label: CompositeLabel, cache: bool = True) -> 
     for signal in label.signals:
         path = folder / f"{_signal_key(corpus, signal)}.pt"
         if cache and path.is_file():
-            columns.append(torch.load(path, weights_only=True))
+            columns.append(load_weights(path))
             continue
         if batch is None:
             batch = transitions(corpus)

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from crslight.data.tokenize import ITEM_TOKEN, title_text
+from crslight.guards import load_weights
 from crslight.models.engine import Engine
 from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
@@ -75,7 +76,7 @@ def merge_lora(model: nn.Module) -> PreTrainedModel:
 def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LightningModule:
     """Rebuilds the module that wrote a crslight checkpoint (``SFTModule``, ``PPOModule``) with its weights, in eval
     mode. A LoRA checkpoint gets its frozen base from the run's ``model`` / ``init_from``; a full one from ``model``."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = load_weights(path, map_location)
     class_path = checkpoint.get(MODULE_KEY)
     if class_path is None:
         raise ValueError(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")

@@ -46,7 +46,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import BertConfig, BertModel
 
 from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
-from crslight.guards import check_loss, require_positive
+from crslight.guards import check_loss, naming_refused_file, require_positive
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
@@ -361,7 +361,8 @@ class RewardModule(LightningModule):
             if not ckpts:
                 raise FileNotFoundError(f"no .ckpt file under {path}")
             path = ckpts[-1]
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True).eval()
+        with naming_refused_file(path):
+            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True).eval()
 
     # -- training -----------------------------------------------------------------------------------------------------
     def losses(self, scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:

@@ -96,31 +96,6 @@ def test_signal_values_are_cached_per_signal(monkeypatch):
     torch.testing.assert_close(signal_values(corpus, cheap_label()), first, equal_nan=True)
 
 
-class _Payload:
-    """Unpickling it would run ``_PLANTED.append`` (a stand-in for any code a planted cache file could run)."""
-
-    def __reduce__(self):
-        return (_PLANTED.append, ("ran",))
-
-
-_PLANTED: list[str] = []
-
-
-def test_a_planted_signal_cache_file_is_refused_not_run(monkeypatch, tmp_path):
-    import pickle
-
-    from crslight.data.pairs import _signal_key
-
-    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
-    corpus, label = corpus_of("valid"), cheap_label()
-    path = tmp_path / "signals" / f"{_signal_key(corpus, label.signals[0])}.pt"
-    path.parent.mkdir(parents=True)
-    torch.save(_Payload(), path)
-    with pytest.raises(pickle.UnpicklingError):
-        signal_values(corpus, label)
-    assert _PLANTED == []
-
-
 def test_collate_indexes_the_right_samples(train_data):
     groups = train_data.groups[:3]
     batch = collate(groups)
