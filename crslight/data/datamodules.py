@@ -9,6 +9,8 @@ The test split is always read as whole dialogues (:class:`SFTBatch` with its rec
 task, so evaluation encodes each dialogue once and reads every recommender turn from that one pass.
 
 Tokenisation uses the policy's chat template (``crslight.data.tokenize``); it happens in ``setup``, once per split.
+The training loader saves its place in the epoch into checkpoints, so a run resumed mid-epoch goes on with the batches
+an uninterrupted run would see (:mod:`crslight.data.resumable`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from crslight.data.corpus import Corpus, load_corpus
 from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
+from crslight.data.resumable import ResumableLoader, ShuffleSampler
 from crslight.data.schema import RECOMMENDER, context_lines, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 from crslight.guards import require_positive
@@ -259,10 +262,14 @@ class CRSDataModule(LightningDataModule):
         data = self._data[split]
         if self.task == "pairs":
             return pair_loader(data, shuffle, self.batch_size, self.num_workers)
+        if shuffle:  # training: a run resumed from a mid-epoch checkpoint goes on where it stopped
+            return ResumableLoader(data, batch_size=self.batch_size, sampler=ShuffleSampler(data),
+                                   collate_fn=self.collate, num_workers=self.num_workers,
+                                   drop_last=self.task == "prompts")
         # evaluation batches dialogues of similar length together: far less padding, same metrics
-        order = None if shuffle else sorted(range(len(data)), key=lambda i: len(data[i].ids))
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, sampler=order, collate_fn=self.collate,
-                          num_workers=self.num_workers, drop_last=shuffle and self.task == "prompts")
+        order = sorted(range(len(data)), key=lambda i: len(data[i].ids))
+        return DataLoader(data, batch_size=self.batch_size, sampler=order, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.splits["fit"], shuffle=True)

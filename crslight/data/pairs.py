@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader
 from crslight.data import synthetic
 from crslight.data.cache import cache_root
 from crslight.data.corpus import Corpus
+from crslight.data.resumable import ResumableLoader, ShuffleSampler
 from crslight.data.schema import RECOMMENDER
 from crslight.guards import load_weights
 from crslight.signals import (
@@ -441,9 +442,10 @@ def eval_batches(groups: list[Group], max_samples: int) -> list[list[int]]:
 def pair_loader(data: PairData, train: bool, batch_size: int, num_workers: int = 0) -> DataLoader:
     """Training: shuffled pairs, ``batch_size`` a batch. Evaluation: whole dialogues, about ``2 * batch_size``
     samples a batch, each sample scored once."""
-    if train:
-        return DataLoader(data.pair_groups(), batch_size=batch_size, shuffle=True, collate_fn=collate,
-                          num_workers=num_workers)
+    if train:  # resumes mid-epoch (crslight.data.resumable)
+        groups = data.pair_groups()
+        return ResumableLoader(groups, batch_size=batch_size, sampler=ShuffleSampler(groups), collate_fn=collate,
+                               num_workers=num_workers)
     return DataLoader(data.groups, batch_sampler=eval_batches(data.groups, 2 * batch_size), collate_fn=collate,
                       num_workers=num_workers)
 
