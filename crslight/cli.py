@@ -104,8 +104,13 @@ def run_tool(argv: list[str]) -> int:
                     temperature=args.temperature, seed=args.seed)
     if args.command == "export":
         from crslight.export import export
+        from crslight.modules.policy import NotAPolicyCheckpoint
 
-        print(export(Path(args.ckpt), Path(args.out)))
+        try:
+            print(export(Path(args.ckpt), Path(args.out)))
+        except (NotAPolicyCheckpoint, FileNotFoundError) as error:  # an R_phi's checkpoint, an empty run folder
+            print(f"crslight export: {error}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "plot":
         from crslight.plots import run as run_plot

@@ -74,3 +74,14 @@ def test_export_writes_the_item_scores_beside_the_policy(tiny_policy, tmp_path):
     assert item_ids == catalogue["item_id"] and names == catalogue["name"]
     for key, value in module.item_head.state_dict().items():
         assert torch.equal(head.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("kind", ["empty-folder", "missing"])
+def test_export_without_a_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, kind):
+    ckpt = tmp_path / ("run" if kind == "empty-folder" else "model.ckpt")
+    if kind == "empty-folder":
+        ckpt.mkdir()
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crslight export: ") and str(ckpt) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ an uninterrupted run would see (:mod:`crslight.data.resumable`).
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Literal, NamedTuple
 
 import torch
@@ -201,13 +202,10 @@ class CRSDataModule(LightningDataModule):
             test = split == self.splits["test"]
             return [self.encode_sft(turns, corpus.item_index, None if test else self.max_length, first_slot=test)
                     for turns in rows["turns"]]
-        data = [
-            PromptSample(self.encode_prompt(turns[:t]), d, t)
-            for d, turns in enumerate(dialogues["turns"])
-            for t, tr in enumerate(turns)
-            if tr["role"] == RECOMMENDER and t > 0
-        ]
-        return data[: self.max_samples] if self.max_samples else data
+        starts = ((d, t, turns) for d, turns in enumerate(dialogues["turns"]) for t, tr in enumerate(turns)
+                  if tr["role"] == RECOMMENDER and t > 0)
+        # only the prompts kept are tokenised: a quick run (max_samples) does not encode the whole split first
+        return [PromptSample(self.encode_prompt(turns[:t]), d, t) for d, t, turns in islice(starts, self.max_samples)]
 
     def encode_sft(self, turns: list[dict], item_index: dict[str, int], max_length: int | None,
                    first_slot: bool = False) -> DialogueSample:

@@ -35,7 +35,7 @@ from crslight.models.engine import Engine
 from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
 from crslight.models.memory import lean_mlps
-from crslight.models.retrieval import ItemHead
+from crslight.models.retrieval import ItemHead, text_windows
 from crslight.modules.evaluation import PolicyEvaluator
 
 MODULE_KEY = "crslight_module"
@@ -73,13 +73,25 @@ def merge_lora(model: nn.Module) -> PreTrainedModel:
     return model
 
 
+class NotAPolicyCheckpoint(ValueError):
+    """A checkpoint without a policy in it: an R_phi's (``RewardModule``), or one crslight did not write."""
+
+
 def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LightningModule:
     """Rebuilds the module that wrote a crslight checkpoint (``SFTModule``, ``PPOModule``) with its weights, in eval
-    mode. A LoRA checkpoint gets its frozen base from the run's ``model`` / ``init_from``; a full one from ``model``."""
+    mode. A LoRA checkpoint gets its frozen base from the run's ``model`` / ``init_from``; a full one from ``model``.
+
+    Raises:
+        NotAPolicyCheckpoint: the file holds no policy (an R_phi checkpoint says so).
+    """
     checkpoint = load_weights(path, map_location)
     class_path = checkpoint.get(MODULE_KEY)
     if class_path is None:
-        raise ValueError(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")
+        if {"backbone", "encoding"} <= set(checkpoint.get("hyper_parameters", {})):  # RewardModule's arguments
+            raise NotAPolicyCheckpoint(
+                f"{path} is an R_phi (RewardModule) checkpoint: it scores replies and holds no policy; use it as PPO's "
+                "reward_model or as eval_reward_model of crslight test")
+        raise NotAPolicyCheckpoint(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
@@ -154,7 +166,8 @@ class PolicyModule(LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         trust_remote_code: Allow custom modelling code from the model folder.
         item_text_turns: A new item head (none carried over from ``init_from``) gets a text part reading the
-            context's last ``item_text_turns`` turns (0: none; :mod:`crslight.models.retrieval`).
+            context's last ``item_text_turns`` turns (0: none; a list such as ``[3, 8]``: several windows together;
+            :mod:`crslight.models.retrieval`).
         item_text_model: The sentence encoder of the item scores' text part: ``minilm`` or a local
             sentence-transformers folder (the one the head was fitted with).
     """
@@ -173,10 +186,11 @@ class PolicyModule(LightningModule):
         lora_target_modules: list[str] | str | None = "all-linear",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
-        item_text_turns: int = 0,
+        item_text_turns: int | list[int] = 0,
         item_text_model: str = "minilm",
     ) -> None:
         super().__init__()
+        text_windows(item_text_turns)  # a bad window ends the command with a message (crslight.lightning_cli)
         self.automatic_optimization = False
         self.policy: PreTrainedModel | None = None
         self.item_head: ItemHead | None = None

@@ -114,7 +114,8 @@ class SFTModule(PolicyModule):
             training samples, 6,924 items). PPO can still train the bias and the map.
         item_prior: With ``item_head_fits: context``, the weight of the popularity prior in the bias (0: none).
         item_text_turns: Give the item scores a text part that reads the context's last ``item_text_turns`` turns
-            through a sentence encoder (:mod:`crslight.models.retrieval`), for a new head (0: none). It is fitted
+            through a sentence encoder (:mod:`crslight.models.retrieval`), for a new head (0: none; a list such as
+            ``[3, 8]``: the last 3 and the last 8 turns together). It is fitted
             alone for ``item_text_epochs`` epochs before the rest, and weighted beside it by the validation split.
         item_text_model: That sentence encoder: ``minilm`` or a local sentence-transformers folder.
         item_text_epochs: Epochs of the text part's fit.
@@ -155,7 +156,7 @@ class SFTModule(PolicyModule):
         item_links_l2: float = 200.0,
         item_head_fits: Literal["all", "context"] = "all",
         item_prior: float = 0.0,
-        item_text_turns: int = 0,
+        item_text_turns: int | list[int] = 0,
         item_text_model: str = "minilm",
         item_text_epochs: int = 8,
         eval_episodes: int = 32,

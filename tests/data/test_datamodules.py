@@ -97,6 +97,21 @@ def test_prompt_batches_are_left_padded(tiny_tokenizer):
     assert tiny_tokenizer.decode(batch.input_ids[0][batch.attention_mask[0] == 1]).endswith("<|im_start|>assistant\n")
 
 
+def test_max_samples_keeps_the_first_prompts_and_tokenises_only_those(tiny_tokenizer):
+    class Counting(Synthetic):
+        encoded = 0
+
+        def encode_prompt(self, turns):
+            Counting.encoded += 1
+            return super().encode_prompt(turns)
+
+    every = datamodule(tiny_tokenizer, task="prompts").build("train")
+    dm = Counting(n_dialogues=20, n_items=50, batch_size=4, task="prompts", max_samples=5)
+    dm._tokenizer = tiny_tokenizer
+    assert len(every) > 5 and dm.build("train") == every[:5]
+    assert Counting.encoded == 5  # a quick run does not tokenise the whole split first
+
+
 def test_pad():
     assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]

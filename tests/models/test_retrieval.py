@@ -152,3 +152,30 @@ def test_a_head_with_a_text_part_round_trips(tiny_tokenizer, tiny_lm):
     text = head.encode_contexts([["seeker: a film at sea"]])
     table = tiny_lm.get_output_embeddings().weight
     assert torch.equal(again(hidden, table, None, text), head(hidden, table, None, text))
+
+
+def test_several_windows_read_the_recent_request_and_the_older_turns_together(tiny_tokenizer, tiny_lm):
+    from crslight.metrics.encoder import SentenceEncoder
+
+    head = _text_head(tiny_lm, tiny_tokenizer, turns=[1, 3])
+    context = ["seeker: something about ghosts in an old castle", "recommender: hi",
+               "seeker: or rockets and planets maybe"]
+    encoder = SentenceEncoder("minilm")
+    expected = torch.nn.functional.normalize(encoder.encode([context[-1]]) + encoder.encode([" ".join(context)]), dim=-1)
+    text = head.encode_contexts([context])
+    torch.testing.assert_close(text, expected)
+    hidden, table = torch.zeros(1, tiny_lm.config.hidden_size), tiny_lm.get_output_embeddings().weight
+    with torch.no_grad():
+        top_two = set(head(hidden, table, None, text)[0].topk(2).indices.tolist())
+    assert top_two == {1, 2}  # the castle three turns back and the rockets of the last turn
+    again = ItemHead.from_state_dict(head.state_dict())
+    assert again.text_turns.tolist() == [1, 3]
+    torch.testing.assert_close(again.encode_contexts([context]), text)
+
+
+@pytest.mark.parametrize("turns", [-1, [3, 0], [2.5]])
+def test_a_bad_text_window_is_refused_with_the_option_named(turns):
+    from crslight.models.retrieval import text_windows
+
+    with pytest.raises(ValueError, match="item_text_turns"):
+        text_windows(turns)
