@@ -2,8 +2,8 @@
 
 ``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
 ``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
-tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``ablate``; ``pipeline`` runs the
-whole method (SFT, reward model, PPO, and the test of each policy) in one command.
+tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``compare``, ``ablate``; ``pipeline``
+runs the whole method (SFT, reward model, PPO, and the test of each policy) in one command.
 
 Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
 """
@@ -18,7 +18,7 @@ import pickle
 import sys
 from pathlib import Path
 
-TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "ablate")
+TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "compare", "ablate")
 
 
 def _json_default(value):
@@ -70,6 +70,9 @@ def _tool_parser() -> argparse.ArgumentParser:
     from crslight.plots import configure_parser as configure_plot  # light: matplotlib is imported when drawing
 
     configure_plot(sub.add_parser("plot", help="draw training curves (CSVLogger runs) and results bar charts as PNGs"))
+    from crslight.compare import configure_parser as configure_compare
+
+    configure_compare(sub.add_parser("compare", help="tests side by side, with paired bootstrap intervals"))
     return parser
 
 
@@ -116,6 +119,19 @@ def run_tool(argv: list[str]) -> int:
         from crslight.plots import run as run_plot
 
         return run_plot(args)
+    if args.command == "compare":
+        from crslight.compare import CompareError, compare, report_text
+
+        try:
+            report = compare(args.runs, names=args.names, baseline=args.baseline, n_resamples=args.resamples,
+                             seed=args.seed)
+        except CompareError as error:
+            print(f"crslight compare: {error}", file=sys.stderr)
+            return 2
+        print(report_text(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        return 0
     raise AssertionError(args.command)
 
 
