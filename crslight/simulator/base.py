@@ -31,7 +31,7 @@ from importlib.metadata import entry_points
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER
+from crslight.schema import RECOMMENDER
 
 ENTRY_POINT_GROUP = "crslight.simulators"
 

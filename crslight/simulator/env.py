@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
+from crslight.schema import RECOMMENDER, SEEKER, turn
 from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows, simulator_class
 from crslight.simulator.dwell import REDIAL_DWELL, redial_dwell
 from crslight.simulator.grounded import GroundedSimulator

@@ -27,8 +27,8 @@ import zlib
 import numpy as np
 
 from crslight.data import synthetic
-from crslight.data.schema import RECOMMENDER, SEEKER
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
+from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.lm import generate_chat, to_chat
 

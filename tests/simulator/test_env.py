@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.env import ConversationEnv, signal_fields, summarise, to_signal_batch
 from crslight.simulator.grounded import GroundedSimulator

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator import lm
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
