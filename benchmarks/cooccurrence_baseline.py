@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from popularity_baseline import evaluate_ranking, popularity_ranking, popularity_scores  # noqa: E402
 
 from crslight.data import load_corpus  # noqa: E402
-from crslight.data.schema import RecSample  # noqa: E402
 from crslight.models.cooccurrence import ease, mention_matrix  # noqa: E402
+from crslight.schema import RecSample  # noqa: E402
 
 #: Weight of the popularity tie-break (times the popularity rank / catalogue size, so at most this).
 TIE_BREAK = 1e-6

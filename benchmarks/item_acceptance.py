@@ -23,9 +23,9 @@ import time
 import torch
 
 from crslight.data.datamodules import OpenDialKG, ReDial
-from crslight.data.schema import context_lines
 from crslight.models.retrieval import ItemHead, previous_mask
 from crslight.modules.policy import find_checkpoint
+from crslight.schema import context_lines
 from crslight.simulator.grounded import GroundedSimulator
 
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 
 from crslight.data import load_corpus
-from crslight.data.schema import RecSample, rec_samples
 from crslight.modules.evaluation import ConversationEvaluator, RankingEvaluator, run_episodes
+from crslight.schema import RecSample, rec_samples
 from crslight.simulator.policies import PopularityPolicy, interaction_counts
 
 

@@ -1,6 +1,6 @@
 """``crslight chat``: talk to a trained recommender in the terminal.
 
-The conversation is kept as schema turns (``crslight.data.schema``) and every reply is generated from exactly the
+The conversation is kept as schema turns (``crslight.schema``) and every reply is generated from exactly the
 prompt the policy was trained on: :func:`crslight.data.tokenize.encode_prompt` with the same system prompt, i.e. the
 tokenizer's chat template with the assistant header appended. Generation stops at the end of the assistant's turn
 (EOS plus the template's end-of-turn tokens, :func:`crslight.simulator.lm.stop_token_ids`). The titles in each reply are
@@ -29,9 +29,9 @@ from typing import TextIO
 
 import torch
 
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from crslight.models.loading import DEFAULT_POLICY
+from crslight.schema import RECOMMENDER, SEEKER, turn
 from crslight.simulator.linker import ItemLinker
 from crslight.simulator.lm import stop_token_ids
 

@@ -99,7 +99,7 @@ def _reference(name: str, datamodule, out: Path, episodes: int, max_turns: int, 
     """A reference policy on the policy tests' episodes (same split, seed, turn limit, simulator and R_phi), written
     to ``OUT/test_NAME/`` as a test writes its run: ``test_metrics.json`` and ``test_episodes.jsonl``."""
     from crslight.modules.evaluation import EPISODE_SEED, ConversationEvaluator, run_episodes, save_episode_records
-    from crslight.simulator.cli import make_policy
+    from crslight.simulator.policies import make_policy
 
     test, train = datamodule.corpus("test"), datamodule.corpus("train")
     policy = make_policy(name, test, root=datamodule.root, train=train)

@@ -218,8 +218,8 @@ def test_decoding_benchmark_times_both_samplers(tmp_path):
 
 
 def test_item_acceptance_checks_the_best_items_against_the_users_targets():
-    from crslight.data.schema import turn
     from crslight.models.retrieval import ItemHead
+    from crslight.schema import turn
 
     spec = importlib.util.spec_from_file_location("item_acceptance", SCRIPT.parent / "item_acceptance.py")
     script = importlib.util.module_from_spec(spec)

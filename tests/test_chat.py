@@ -191,7 +191,7 @@ def test_simulate_runs_an_exported_policy_through_its_item_scores(tiny_recommend
 
     from crslight.data.datamodules import Synthetic
     from crslight.models.retrieval import ItemHead, save_item_scores
-    from crslight.simulator.cli import make_policy
+    from crslight.simulator.policies import make_policy
 
     shutil.copytree(tiny_recommender, tmp_path / "policy")
     corpus = Synthetic(n_dialogues=20, n_items=30).corpus("test")

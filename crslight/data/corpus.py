@@ -1,6 +1,6 @@
 """One entry point for every source: ``load_corpus(name, root, split)`` → :class:`Corpus`.
 
-A source is converted once into the canonical schema (``crslight.data.schema``) with all its splits, stored as Arrow
+A source is converted once into the canonical schema (``crslight.schema``) with all its splits, stored as Arrow
 in the cache, and memory-mapped on every later load.
 """
 
@@ -17,7 +17,7 @@ import pyarrow as pa
 from crslight.data import opendialkg, redial, synthetic
 from crslight.data.cache import cache_key, cached
 from crslight.data.errors import DataError, LoadReport, require_files
-from crslight.data.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, RecSample, rec_samples
+from crslight.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, RecSample, rec_samples
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Corpus:
     Attributes:
         name: the source (``redial``, ``opendialkg``, ``synthetic``).
         split: ``train``, ``valid`` or ``test``.
-        dialogues: the dialogues (``datasets.Dataset``, schema in ``crslight.data.schema``).
+        dialogues: the dialogues (``datasets.Dataset``, schema in ``crslight.schema``).
         catalogue: the item catalogue (``datasets.Dataset``).
         report: rows skipped and item ids not resolved while converting (over all splits of the source).
     """

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from crslight.data.corpus import Corpus, load_corpus
 from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
 from crslight.data.resumable import ResumableLoader, ShuffleSampler
-from crslight.data.schema import RECOMMENDER, context_lines, rec_samples_of
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 from crslight.guards import require_positive
+from crslight.schema import RECOMMENDER, context_lines, rec_samples_of
 
 IGNORE_INDEX = -100
 
@@ -48,7 +48,7 @@ class SFTBatch(NamedTuple):
         rec_target: ``(n,)`` the catalogue row of the item the turn mentions.
         rec_previous: ``(n, m)`` catalogue rows of items mentioned earlier in the dialogue, ``-1``-padded (for the
             protocol variant that excludes them).
-        rec_context: per sample, ``"role: text"`` of each turn before it (:func:`~crslight.data.schema.
+        rec_context: per sample, ``"role: text"`` of each turn before it (:func:`~crslight.schema.
             context_lines`): what item scores with a text part read.
     """
 

@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from crslight.data.errors import DataError, LoadReport, parse_json, read_text
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
+from crslight.schema import RECOMMENDER, SEEKER, turn
 
 FILES = ["opendialkg.csv", "opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"]
 ROLES = {"user": SEEKER, "assistant": RECOMMENDER}

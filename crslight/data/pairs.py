@@ -33,7 +33,8 @@ On ReDial, ``ordered`` pairs raise R_phi's agreement with the label but bring it
 chance, so ``configs/redial/reward.yaml`` trains on ``swap`` and ``negative`` only (figures in ``docs/reward.md``).
 
 Layering: this is the one data module that reads :mod:`crslight.signals` (``transitions``, ``CompositeLabel``), because
-a pair's order *is* a signal label; signals import only the data schema, so there is no cycle.
+a pair's order *is* a signal label; signals import only the schema (:mod:`crslight.schema`, below both), never the
+data layer, so there is no cycle.
 
 Labels and their raw signal values are cached per signal (``$CRSLIGHT_CACHE/signals``), keyed by the corpus and the
 signal's arguments, so re-runs, ``crslight test`` and ablations (:mod:`crslight.ablation`) do not recompute them.
@@ -61,8 +62,8 @@ from crslight.data import synthetic
 from crslight.data.cache import cache_root
 from crslight.data.corpus import Corpus
 from crslight.data.resumable import ResumableLoader, ShuffleSampler
-from crslight.data.schema import RECOMMENDER
 from crslight.guards import load_weights
+from crslight.schema import RECOMMENDER
 from crslight.signals import (
     AcceptanceSignal,
     CompositeLabel,

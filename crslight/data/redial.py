@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 
 from crslight.data.errors import DataError, LoadReport, check_ids, parse_json, read_text
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
+from crslight.schema import RECOMMENDER, SEEKER, turn
 
 FILES = ["train_data.jsonl", "test_data.jsonl", "movies_with_mentions.csv"]
 MENTION = re.compile(r"@(\d+)")

@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
+from crslight.schema import RECOMMENDER, SEEKER, turn
 
 GENRES = ["comedy", "drama", "horror", "romance", "sci-fi", "action", "animation", "documentary"]
 ITEM_MOODS = ["uplifting", "calm", "thrilling", "dark"]

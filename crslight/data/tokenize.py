@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from crslight.data.schema import RECOMMENDER
+from crslight.schema import RECOMMENDER
 
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaModel
 
-from crslight.data.schema import context_lines
 from crslight.data.tokenize import ITEM_TOKEN, title_text
 from crslight.models.heads import position_ids_from_attention_mask
 from crslight.models.retrieval import ItemHead, decoder_of
+from crslight.schema import context_lines
 
 # the KV cache's keyword in the transformer body's forward: ``cache`` in transformers 5, ``past_key_values`` before
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -180,7 +180,7 @@ class Engine:
             exclude: per prompt, catalogue rows mentioned in its context: the item scores read them (co-mentioned
                 items) and the draw skips them.
             generator: the random generator of every draw (None: torch's global one).
-            contexts: per prompt, its turns as :func:`~crslight.data.schema.context_lines`: needed when the item
+            contexts: per prompt, its turns as :func:`~crslight.schema.context_lines`: needed when the item
                 scores read the context's words.
         """
         b = len(prompts)

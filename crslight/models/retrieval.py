@@ -200,7 +200,7 @@ class ItemHead(nn.Module):
 
     def encode_contexts(self, contexts: list[list[str]]) -> torch.Tensor | None:
         """``(n, d)`` embeddings of the last ``text_turns`` of each context (its turns'
-        :func:`~crslight.data.schema.context_lines`), on the head's device; None when the head has no text part."""
+        :func:`~crslight.schema.context_lines`), on the head's device; None when the head has no text part."""
         if not self.reads_text:
             return None
         if self._encoder is None or self._encoder.model != self.text_model:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from crslight.data.schema import NOT_SAID
+from crslight.schema import NOT_SAID
 from crslight.signals.base import SignalBatch, SignalExtractor
 
 

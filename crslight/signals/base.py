@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crslight.data.schema import RECOMMENDER, SEEKER
+from crslight.schema import RECOMMENDER, SEEKER
 
 
 @dataclass

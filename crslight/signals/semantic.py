@@ -7,8 +7,8 @@ from typing import Literal
 
 import torch
 
-from crslight.data.schema import SEEKER
 from crslight.metrics.encoder import SentenceEncoder
+from crslight.schema import SEEKER
 from crslight.signals.base import SignalBatch, SignalExtractor
 
 

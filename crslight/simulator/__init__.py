@@ -1,8 +1,16 @@
 """User simulators, the conversation environment, baseline policies and the item linker (see docs/simulator.md)."""
 
-from crslight.simulator.base import Reaction, UserSimulator, UserState, satisfaction, simulator_class
+from crslight.simulator.base import Reaction, UserSimulator, UserState, satisfaction
 from crslight.simulator.dwell import REDIAL_DWELL, DwellModel, LogNormalFit, fit_dwell, redial_dwell
-from crslight.simulator.env import ConversationEnv, Episode, Transition, signal_fields, summarise, to_signal_batch
+from crslight.simulator.env import (
+    ConversationEnv,
+    Episode,
+    Transition,
+    signal_fields,
+    simulator_class,
+    summarise,
+    to_signal_batch,
+)
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker, Link
 from crslight.simulator.lm import LMSimulator, generate_chat

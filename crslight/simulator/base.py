@@ -20,20 +20,19 @@ Design choices:
   the synthetic generator's rating without its noise, plus a penalty for driving the user away.
 
 Plugins: a third-party simulator subclasses :class:`UserSimulator` and declares an entry point in the group
-``crslight.simulators`` (entry-point name = class name); :func:`simulator_class` resolves a name to the class.
+``crslight.simulators`` (entry-point name = class name), as the built-ins do in crslight's ``pyproject.toml``;
+:func:`crslight.simulator.env.simulator_class` resolves a name through the plugin registry. This module knows none of
+its subclasses.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER
-
-ENTRY_POINT_GROUP = "crslight.simulators"
+from crslight.schema import RECOMMENDER
 
 
 @dataclass
@@ -161,19 +160,3 @@ class UserSimulator(ABC):
         """The episode's satisfaction on the 1-5 scale (see :func:`satisfaction`)."""
         return satisfaction(state.accepted is not None, state.failures, state.left)
 
-
-def simulator_class(name: str) -> type[UserSimulator]:
-    """Resolves a simulator by class name: a built-in, else an entry point of the group ``crslight.simulators``."""
-    from crslight.simulator import grounded, lm, persona
-
-    for module in (grounded, persona, lm):
-        cls = getattr(module, name, None)
-        if isinstance(cls, type) and issubclass(cls, UserSimulator):
-            return cls
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, UserSimulator)):
-                raise TypeError(f"entry point {ep.value!r} ({ep.dist.name if ep.dist else '?'}) is not a UserSimulator")
-            return cls
-    raise ValueError(f"unknown simulator {name!r}: not a built-in nor an entry point in group {ENTRY_POINT_GROUP!r}")

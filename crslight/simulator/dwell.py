@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER, SEEKER
+from crslight.schema import RECOMMENDER, SEEKER
 
 CONDITIONS = ("accept", "reject", "other")
 

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crslight.data.schema import RECOMMENDER, SEEKER, turn
-from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows, simulator_class
+from crslight import plugins
+from crslight.schema import RECOMMENDER, SEEKER, turn
+from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows
 from crslight.simulator.dwell import REDIAL_DWELL, redial_dwell
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
@@ -315,6 +316,31 @@ def default_simulator(corpus, root: str | None = None) -> UserSimulator:
     return GroundedSimulator(corpus.catalogue, dwell=REDIAL_DWELL, style="opendialkg", noun="one")
 
 
+def simulator_class(name: str) -> type[UserSimulator]:
+    """The simulator class registered as ``name`` in the entry-point group ``crslight.simulators``, through the plugin
+    registry (:func:`crslight.plugins.get`); the built-ins (``GroundedSimulator``, ``LMSimulator``,
+    ``PersonaSimulator``) are declared there like any plugin.
+
+    Raises:
+        ValueError: no simulator of that name (the message lists the known ones), or its plugin failed to import.
+        TypeError: the entry point is not a :class:`UserSimulator` subclass.
+    """
+    group = plugins.GROUPS["simulators"]
+    try:
+        cls = plugins.get(group, name)
+    except plugins.UnknownPluginError as err:
+        if name in plugins.load_plugins()[group]:  # declared, failed to import: the registry's message says why
+            raise ValueError(f"simulator {name!r}: {err}") from None
+        known = ", ".join(plugins.available(group)) or "none installed"
+        raise ValueError(f"unknown simulator {name!r}: the {group} entry points are {known}; a config may also say "
+                         f"auto for the dataset's default") from None
+    if not (isinstance(cls, type) and issubclass(cls, UserSimulator)):
+        plugin = plugins.load_plugins()[group][name]
+        raise TypeError(f"entry point {name!r} ({plugin.class_path}, from {plugin.distribution}) is not a "
+                        f"UserSimulator")
+    return cls
+
+
 def build_environment(corpus, simulator: str = "auto", simulator_args: dict | None = None, root: str | None = None,
                       max_turns: int = 5, seed: int = 0) -> ConversationEnv:
     """The conversation environment over a corpus split: the one way crslight assembles it (module docstring).
@@ -322,14 +348,14 @@ def build_environment(corpus, simulator: str = "auto", simulator_args: dict | No
     Args:
         corpus: the split (``crslight.data.Corpus``) whose dialogues start the episodes.
         simulator: ``auto`` for the dataset's default (:func:`default_simulator`), else a simulator class name
-            (built-in or from the ``crslight.simulators`` entry points, :func:`~crslight.simulator.simulator_class`).
+            (an entry point of ``crslight.simulators``, built-ins included: :func:`simulator_class`).
         simulator_args: keyword arguments of a named simulator beside the catalogue (not used with ``auto``).
         root: the dataset's folder (ReDial's default simulator refits its dwell model from the train split there).
         max_turns: replies per episode at most.
         seed: base seed; episode ``i`` uses ``default_rng([seed, i])``.
 
     Raises:
-        ValueError: an unknown simulator name.
+        ValueError: an unknown simulator name (the message lists the known ones).
     """
     if simulator == "auto":
         user = default_simulator(corpus, root)

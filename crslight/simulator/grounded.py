@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from crslight.data.schema import NOT_SAID, RECOMMENDER
 from crslight.data.synthetic import attributes
+from crslight.schema import NOT_SAID, RECOMMENDER
 from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows
 from crslight.simulator.dwell import REDIAL_DWELL, DwellModel
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crslight.data.schema import RECOMMENDER, SEEKER
+from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import Reaction, UserSimulator, UserState
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

@@ -22,7 +22,7 @@ import json
 import numpy as np
 
 from crslight.data import synthetic
-from crslight.data.schema import NOT_SAID
+from crslight.schema import NOT_SAID
 from crslight.simulator.base import Reaction, UserSimulator, UserState, catalogue_rows
 
 

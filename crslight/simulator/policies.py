@@ -14,6 +14,10 @@ know which it runs.
   names the most popular matching item: the reference a policy that understood the request should reach.
 - :class:`LMPolicy` asks a causal LM (chat template, seeker → ``user``, recommender → ``assistant``).
 
+:func:`make_policy` builds one by name (:data:`POLICIES`), or from a model name or folder (an exported crslight policy
+through the decoding engine, :func:`engine_policy`): what ``crslight simulate`` and the pipeline's reference policies
+run.
+
 The baselines phrase their pick as a sentence with the title (so the item linker, not a side channel, reads it).
 :class:`RandomPolicy` draws from a generator seeded by ``(seed, crc32 of the context)``: the same context always gets
 the same reply whatever the batch it arrives in, which keeps episodes independent of the batch size.
@@ -23,13 +27,15 @@ from __future__ import annotations
 
 import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 
 from crslight.data import synthetic
-from crslight.data.schema import RECOMMENDER, SEEKER
 from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
+from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import catalogue_rows
+from crslight.simulator.env import Policy
 from crslight.simulator.lm import generate_chat, to_chat
 
 PHRASES = [
@@ -242,3 +248,68 @@ class LMPolicy:
             self.model, self.tokenizer, conversations, self.max_new_tokens, self.do_sample, self.temperature,
             self.top_p, self.top_k, self.max_context_tokens, seed,
         )
+
+
+#: Built-in policy names: ``random`` (uniform over unmentioned items), ``popularity`` (most accepted in the train
+#: split, :func:`interaction_counts`), ``popularity-catalogue`` (the catalogue's ``popularity`` column), ``oracle``
+#: (synthetic only: the most popular item of the genre and mood the seeker stated, :class:`AttributeOraclePolicy`).
+POLICIES = ("random", "popularity", "popularity-catalogue", "oracle")
+#: What the baselines call an item, per dataset.
+NOUNS = {"redial": "movie", "synthetic": "movie", "opendialkg": "one"}
+
+
+def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train=None) -> Policy:
+    """A policy by name (see :data:`POLICIES`), else a model name / folder run as an :class:`LMPolicy` (an exported
+    crslight policy, which carries its item scores, through the decoding engine).
+
+    Args:
+        name: a built-in name or a model name / folder.
+        corpus: the split the episodes come from (its catalogue is the policy's).
+        seed: seeds ``random`` and an LM's sampling.
+        root: the dataset's folder (for loading the train split).
+        train: the train split whose acceptances rank ``popularity`` (default: loaded from ``root`` with the
+            default options; pass the DataModule's when it has its own, e.g. a smaller synthetic scenario).
+
+    Raises:
+        ValueError: for ``oracle`` on a dataset other than ``synthetic``, or a path that is not a model folder.
+    """
+    noun = NOUNS.get(corpus.name, "movie")
+    if name == "random":
+        return RandomPolicy(corpus.catalogue, seed=seed, noun=noun)
+    if name == "popularity":
+        from crslight.data import load_corpus
+
+        if train is None:
+            train = corpus if corpus.split == "train" else load_corpus(corpus.name, root, "train")
+        return PopularityPolicy(corpus.catalogue, interaction_counts(train.dialogues), noun=noun)
+    if name == "popularity-catalogue":
+        return PopularityPolicy(corpus.catalogue, noun=noun)
+    if name == "oracle":
+        if corpus.name != "synthetic":
+            raise ValueError(f"the oracle policy reads the genre and mood that synthetic seekers state; it needs "
+                             f"--dataset synthetic, not {corpus.name!r}")
+        return AttributeOraclePolicy(corpus.catalogue, noun=noun)
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith(".")) and not path.exists():
+        raise ValueError(f"unknown policy {name!r}: not one of {', '.join(POLICIES)}, and no such model folder")
+    from crslight.models.retrieval import load_item_scores
+
+    item_scores = load_item_scores(path) if path.is_dir() else None
+    if item_scores is not None:  # an exported crslight policy: recommend through its item scores, as in training
+        return engine_policy(name, item_scores, seed)
+    return LMPolicy.from_pretrained(name, seed=seed)
+
+
+def engine_policy(folder: str, item_scores: tuple, seed: int = 0) -> Policy:
+    """An exported policy folder with its item scores (``crslight export``) as an environment policy: replies decoded
+    by the engine (temperature 0.8, top-k 50), the best item not yet mentioned drawn at each recommendation slot."""
+    from crslight.data.tokenize import encode_prompt
+    from crslight.models.engine import Engine, EnginePolicy
+    from crslight.models.loading import load_causal_lm, load_tokenizer
+
+    head, item_ids, names = item_scores
+    model, tokenizer = load_causal_lm(folder).eval(), load_tokenizer(folder, padding_side="left", item_token=True)
+    engine = Engine(model, tokenizer, head, names, max_new_tokens=64, temperature=0.8, top_k=50, greedy_items=True)
+    slot_names = dict(zip(item_ids, names, strict=True))
+    return EnginePolicy(engine, lambda turns: encode_prompt(tokenizer, turns, RECOMMENDER_PROMPT, 768, slot_names),
+                        item_ids, seed=seed)

@@ -6,7 +6,7 @@ import pytest
 from crslight.data import DataError, load_corpus
 from crslight.data.errors import LoadReport
 from crslight.data.opendialkg import convert_row, recommended_only, split_of
-from crslight.data.schema import turn
+from crslight.schema import turn
 
 
 def test_row_conversion_rules():

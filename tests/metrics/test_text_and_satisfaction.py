@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from crslight.data.schema import turn
 from crslight.metrics import Coherence, DistinctN, Satisfaction
 from crslight.metrics.text import tokens
+from crslight.schema import turn
 
 
 def test_tokens():

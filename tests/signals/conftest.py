@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.signals import SignalBatch
 
 

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from crslight.data.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, turn
+from crslight.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, turn
 from crslight.signals import SignalBatch, SignalExtractor, coverage, transitions
 
 DIALOGUE = {

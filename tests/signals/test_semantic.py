@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.signals import SemanticRelevanceSignal
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator.dwell import (
     REDIAL_DWELL,
     DwellModel,

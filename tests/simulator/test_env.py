@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.env import ConversationEnv, signal_fields, summarise, to_signal_batch
 from crslight.simulator.grounded import GroundedSimulator
@@ -164,3 +164,37 @@ def test_simulate_and_the_test_episodes_run_in_the_factory_environment(monkeypat
     assert summary["episodes"] == len(episodes) == 4
     assert [e.dialogue_id for e in episodes] == [e.dialogue_id for e in build(corpus, max_turns=2, seed=7).rollout(
         RandomPolicy(corpus.catalogue, seed=7), 4)]
+
+
+def test_simulator_class_resolves_names_through_the_plugin_registry_only(tmp_path, monkeypatch):
+    """The built-ins are entry points like any plugin's; a third-party simulator resolves the same way, and an unknown
+    name is refused with the known ones listed."""
+    from importlib.metadata import EntryPoint
+
+    from crslight import plugins
+    from crslight.simulator import LMSimulator, PersonaSimulator, UserSimulator, simulator_class
+
+    assert simulator_class("GroundedSimulator") is GroundedSimulator
+    assert simulator_class("LMSimulator") is LMSimulator and simulator_class("PersonaSimulator") is PersonaSimulator
+    with pytest.raises(ValueError, match=r"unknown simulator 'NoSuchSimulator': the crslight.simulators entry points "
+                                         r"are GroundedSimulator, LMSimulator, PersonaSimulator; .* auto"):
+        simulator_class("NoSuchSimulator")
+
+    (tmp_path / "fake_simulator_plugin.py").write_text(
+        "from crslight.simulator.grounded import GroundedSimulator\n\n"
+        "class ShyUserSimulator(GroundedSimulator):\n    pass\n\n"
+        "class NotASimulator:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = "crslight.simulators"
+    declared = {"crslight.simulators": [EntryPoint("ShyUserSimulator", "fake_simulator_plugin:ShyUserSimulator", group),
+                                        EntryPoint("NotASimulator", "fake_simulator_plugin:NotASimulator", group),
+                                        EntryPoint("BrokenSimulator", "no_such_module_here:BrokenSimulator", group)]}
+    monkeypatch.setattr(plugins, "entry_points", lambda group: declared.get(group, []))
+    monkeypatch.setattr(plugins, "_registry", None)
+    assert issubclass(simulator_class("ShyUserSimulator"), UserSimulator)
+    with pytest.raises(TypeError, match="not a UserSimulator"):
+        simulator_class("NotASimulator")
+    with pytest.raises(ValueError, match="BrokenSimulator.*failed to import: ModuleNotFoundError"):
+        simulator_class("BrokenSimulator")
+    with pytest.raises(ValueError, match="entry points are NotASimulator, ShyUserSimulator;"):
+        simulator_class("GroundedSimulator")  # no built-in shortcut beside the registry

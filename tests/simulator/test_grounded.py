@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator.grounded import SENTIMENT, TEMPLATES, GroundedSimulator, attribute_feedback, compose
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from crslight.data import synthetic
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator.persona import PersonaSimulator
 
 

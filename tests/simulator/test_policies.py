@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from crslight.data.schema import turn
+from crslight.schema import turn
 from crslight.simulator import lm
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
@@ -136,8 +136,8 @@ def test_oracle_prefers_genre_and_mood_then_genre_then_popularity():
 
 def test_oracle_beats_popularity_on_the_same_synthetic_episodes():
     from crslight.data import load_corpus, synthetic
-    from crslight.simulator.cli import make_policy
     from crslight.simulator.env import ConversationEnv, default_simulator
+    from crslight.simulator.policies import make_policy
 
     corpus = load_corpus("synthetic", None, "test")
     rates, runs = {}, {}
@@ -158,7 +158,7 @@ def test_oracle_beats_popularity_on_the_same_synthetic_episodes():
 def test_oracle_is_only_for_the_synthetic_scenario(catalogue):
     from types import SimpleNamespace
 
-    from crslight.simulator.cli import make_policy
+    from crslight.simulator.policies import make_policy
 
     with pytest.raises(ValueError, match="needs --dataset synthetic, not 'redial'"):
         make_policy("oracle", SimpleNamespace(name="redial", catalogue=catalogue, split="test"))

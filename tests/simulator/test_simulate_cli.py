@@ -2,9 +2,7 @@ import json
 
 import pytest
 
-from crslight.simulator.base import UserSimulator, simulator_class
 from crslight.simulator.cli import simulate
-from crslight.simulator.grounded import GroundedSimulator
 
 KEYS = {"dataset", "split", "policy", "seed", "max_turns", "episodes", "acceptance_rate", "mean_satisfaction",
         "mean_turns", "endings", "mean_dwell_time", "mean_sentiment"}
@@ -31,10 +29,3 @@ def test_simulate_redial_popularity_beats_random(redial_root):
 def test_unknown_policy_folder_fails_loudly(tmp_path):
     with pytest.raises(ValueError, match="no such model folder"):
         simulate("synthetic", None, str(tmp_path / "no-such-model"), 2, 2, 0, "test")
-
-
-def test_simulator_class_resolves_built_ins_and_rejects_unknown_names():
-    assert simulator_class("GroundedSimulator") is GroundedSimulator
-    assert issubclass(simulator_class("LMSimulator"), UserSimulator)
-    with pytest.raises(ValueError, match="crslight.simulators"):
-        simulator_class("NoSuchSimulator")
