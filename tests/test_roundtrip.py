@@ -7,7 +7,7 @@ is the tiny random Llama that writes the recommendation slot (``tiny_recommender
 the exported item scores), R_phi keeps its shipped backbone (MiniLM, siamese, frozen), two optimizer steps (one PPO
 iteration), replies of a few tokens, two test episodes, and the crash-recovery checkpoint written every step (10 or 50
 as shipped), so that each run writes every kind of file the shipped one does: ``sft-*``, ``last`` and ``resume-*``;
-``reward-*`` (weights only); ``ppo-*``, ``last`` and ``resume-*``. ReDial and OpenDialKG are read from copies of the
+``reward-*`` (weights only) and ``resume-*``; ``ppo-*``, ``last`` and ``resume-*``. ReDial and OpenDialKG are read from copies of the
 real files cut to their first dialogues (:func:`redial_subset`, :func:`opendialkg_subset`): ``max_samples`` does not
 reach R_phi's pairs, whose signals over a whole corpus take minutes on a cold cache.
 
@@ -23,7 +23,8 @@ What each checkpoint goes through:
   before). Its round trip is ``crslight test -c CONFIG --ckpt_path RUN_FOLDER`` (exit 0, ``test/pairwise_accuracy``),
   ``RewardModule.load`` of the run folder scoring a reply (with the catalogue facts it was fitted with, where the
   config reads items), PPO's ``reward_model`` (every PPO fit here loads it) and the judging R_phi of ``crslight test``
-  (SFT's ``eval_reward_model``, PPO's ``reward_model``: ``test/reward`` above).
+  (SFT's ``eval_reward_model``, PPO's ``reward_model``: ``test/reward`` above); its crash-recovery checkpoint, written
+  at the same step, loads and scores alike.
 - **PPO with and without signals in the reward**: as shipped (``reward_weight: 0``, the AcceptanceSignal alone, R_phi
   judging) on every dataset; R_phi plus the signal (``reward_weight: 1``) and R_phi alone (``signals: null``) on the
   synthetic scenario. The reward changes only PPO's reward arguments in the checkpoint (``reward_weight``,
@@ -195,7 +196,9 @@ def test_a_reward_model_checkpoint_tests_loads_and_is_no_policy_to_export(runs, 
 
     config, run = runs[dataset, "reward"]
     (ckpt,) = run.rglob("reward-*.ckpt")
+    (resume,) = run.rglob("resume-*.ckpt")
     assert "optimizer_states" not in torch.load(ckpt, map_location="cpu", weights_only=True)  # weights only, as shipped
+    assert torch.load(resume, map_location="cpu", weights_only=True)["optimizer_states"]  # crash recovery: everything
     assert 0.0 <= crslight_test(config, run)["test/pairwise_accuracy"] <= 1.0
     scorer = RewardModule.load(run)
     reads_items = yaml.safe_load(config.read_text())["model"]["init_args"].get("read_items", False)
@@ -203,6 +206,8 @@ def test_a_reward_model_checkpoint_tests_loads_and_is_no_policy_to_export(runs, 
     items = [[next(iter(scorer.item_facts))]] if reads_items else [[]]
     scores = scorer.score(contexts=["I want a funny movie"], replies=["Try this one."], items=items)
     assert scores.shape == (1,) and torch.isfinite(scores).all()
+    again = RewardModule.load(resume).score(contexts=["I want a funny movie"], replies=["Try this one."], items=items)
+    assert torch.equal(again, scores)  # the same step's weights (and catalogue facts)
     capsys.readouterr()
     assert main(["export", "--ckpt", str(ckpt), "--out", str(run / "exported")]) == 2
     assert "is an R_phi (RewardModule) checkpoint" in capsys.readouterr().err and not (run / "exported").exists()

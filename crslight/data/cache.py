@@ -3,7 +3,11 @@
 The key hashes the source files' paths, sizes and modification times, the converter's version and its options, so an
 edited or replaced download is converted again. A build writes into a temporary folder beside the entry and renames it
 into place only when complete: a failure leaves nothing behind, and the temporary folder of a build that was killed
-(``kill -9``) is removed by the next build of the same entry. An entry that cannot be read back is converted again.
+(``kill -9``) is removed by the next build of the same entry.
+
+An entry holds the sha256 of each of its files (``checksums.json``, written last), checked on every read (a few
+milliseconds for ReDial's 5 MB): an entry whose files are missing, unreadable or edited since the conversion (even by
+hand, keeping their sizes and times) is converted again, with a warning.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def cached(
         try:
             return _load(entry)
         except Exception as error:  # a damaged entry (edited, truncated): convert again rather than fail
-            warnings.warn(f"the data cache entry {entry} could not be read ({type(error).__name__}: {error}); "
+            warnings.warn(f"the data cache entry {entry} is damaged ({type(error).__name__}: {error}); "
                           "converting the source again", stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
     data, meta = build()
@@ -69,6 +73,7 @@ def cached(
         if data:
             data.save_to_disk(str(tmp / "arrow"))
         (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / CHECKSUMS).write_text(json.dumps(_checksums(tmp, sorted(_files(tmp)))))
         try:
             os.replace(tmp, entry)
         except OSError:  # another process won the race: theirs is as good as ours
@@ -96,7 +101,46 @@ def _remove_stale_builds(entry: Path) -> None:
             pass
 
 
+CHECKSUMS = "checksums.json"
+
+
+class DamagedEntry(Exception):
+    """A cache entry's files differ from what the conversion wrote."""
+
+
+def _files(folder: Path) -> list[str]:
+    """The files under ``folder`` as POSIX paths relative to it (the checksums' own file left out)."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS]
+
+
+def _checksums(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each named file under ``folder``."""
+    out = {}
+    for name in names:
+        h = hashlib.sha256()
+        with (folder / name).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
+def _verify(entry: Path) -> None:
+    """Raises :class:`DamagedEntry` unless every file the conversion wrote is there with its bytes unchanged. Files
+    added later are not checked: what an entry loads is named in files that are (``meta.json``, ``state.json``)."""
+    if not (entry / CHECKSUMS).is_file():
+        raise DamagedEntry(f"no {CHECKSUMS}")
+    expected = json.loads((entry / CHECKSUMS).read_text())
+    missing = [name for name in expected if not (entry / name).is_file()]
+    if missing:
+        raise DamagedEntry(f"missing {', '.join(missing)}")
+    changed = [name for name, digest in _checksums(entry, list(expected)).items() if digest != expected[name]]
+    if changed:
+        raise DamagedEntry(f"changed since the conversion: {', '.join(changed)}")
+
+
 def _load(entry: Path) -> tuple[datasets.DatasetDict, dict]:
+    _verify(entry)
     meta = json.loads((entry / "meta.json").read_text())
     data = datasets.load_from_disk(str(entry / "arrow")) if (entry / "arrow").exists() else datasets.DatasetDict()
     for split, features in meta.pop("empty", {}).items():

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 SOURCES = ("redial", "opendialkg", "synthetic")
 SPLITS = ("train", "valid", "test")
 #: Bump when a converter's output changes, so old cache entries are not reused.
-CONVERTER_VERSION = 3  # 2: empty files, duplicate or leaked dialogue ids, bad offsets and ratings are errors; 3: duplicate
-# movie ids, both questionnaires checked, an empty OpenDialKG recommended catalogue
+CONVERTER_VERSION = 4  # 2: empty files, duplicate or leaked dialogue ids, bad offsets and ratings are errors; 3: duplicate
+# movie ids, both questionnaires checked, an empty OpenDialKG recommended catalogue; 4: entries carry checksums
 
 
 @dataclass

@@ -6,7 +6,8 @@ cheap and DDP wraps a model that exists), and makes a checkpoint hold everything
 
 - the weights that training changes — the whole policy, or with LoRA only the adapters (plus any other trainable
   part such as a value head), because the frozen base is rebuilt from ``model`` / ``init_from``;
-- every rank's RNG states (torch, CUDA, numpy, ``random``), restored when a ``Trainer`` resumes;
+- every rank's RNG states (torch, CUDA, numpy, ``random``), restored when a ``Trainer`` resumes
+  (:mod:`crslight.modules.rng`, shared with R_phi);
 - ``crslight_module``, the class that wrote it, so :func:`crslight.export.export` rebuilds it without a config;
 - whatever a subclass adds in :meth:`extra_state` (PPO: KL controller, reward statistics, counters).
 
@@ -18,13 +19,10 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel
@@ -37,32 +35,11 @@ from crslight.models.lora import apply_lora, has_adapters
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead, text_windows
 from crslight.modules.evaluation import PolicyEvaluator
+from crslight.modules.rng import restore_rng_states, save_rng_states
 
 MODULE_KEY = "crslight_module"
 CATALOGUE_KEY = "crslight_catalogue"
 STATE_KEY = "crslight_state"
-RNG_KEY = "crslight_rng"
-
-
-def rng_state() -> dict[str, Any]:
-    """The current RNG states of torch (CPU and CUDA), numpy and ``random``, as tensors and plain Python values (a
-    checkpoint must load with ``torch.load(weights_only=True)``, the default of ``Trainer.fit(ckpt_path=...)``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def merge_lora(model: nn.Module) -> PreTrainedModel:
@@ -306,13 +283,7 @@ class PolicyModule(LightningModule):
             checkpoint[CATALOGUE_KEY] = {"item_id": list(catalogue["item_id"]), "name": list(catalogue["name"])}
         elif self.item_catalogue is not None:
             checkpoint[CATALOGUE_KEY] = self.item_catalogue
-        state = rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)  # every rank runs this hook; rank 0 writes the file
-            checkpoint[RNG_KEY] = states
-        else:
-            checkpoint[RNG_KEY] = [state]
+        save_rng_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -326,10 +297,7 @@ class PolicyModule(LightningModule):
             self.item_head.set_links(state["item_head.link_index"], state["item_head.link_value"])
         self.load_extra_state(checkpoint.get(STATE_KEY, {}))
         self.item_catalogue = checkpoint.get(CATALOGUE_KEY, self.item_catalogue)
-        states = checkpoint.get(RNG_KEY)
-        if states and self._trainer is not None and self.trainer.state.fn == "fit":  # resuming, not evaluating
-            rank = self.trainer.global_rank
-            set_rng_state(states[rank] if rank < len(states) else states[0])
+        restore_rng_states(self, checkpoint)  # resuming fit, not evaluating
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Like ``nn.Module.load_state_dict``; without strictness it still insists on every weight a checkpoint keeps."""

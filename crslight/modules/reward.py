@@ -52,6 +52,7 @@ from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_l
 from crslight.models.lora import apply_lora
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import attribute_words
+from crslight.modules.rng import restore_rng_states, save_rng_states
 from crslight.modules.sft import warmup_cosine
 from crslight.rl.reward_losses import bradley_terry_loss, pairwise_accuracy, regression_loss
 
@@ -304,9 +305,11 @@ class RewardModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.item_facts:
             checkpoint[ITEM_FACTS_KEY] = self.item_facts
+        save_rng_states(checkpoint)  # the dropout after a resume is the uninterrupted run's (crslight.modules.rng)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.item_facts = dict(checkpoint.get(ITEM_FACTS_KEY, {}))
+        restore_rng_states(self, checkpoint)  # resuming fit only: load() and test leave the RNGs alone
 
     def reply_texts(self, replies: list[str], items: list[list[str]] | None) -> list[str]:
         """What R_phi reads of each reply: the reply, and with ``read_items`` the facts of the items it recommends."""

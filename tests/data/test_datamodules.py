@@ -192,8 +192,36 @@ def test_the_cache_removes_killed_builds_and_rebuilds_a_damaged_entry(tmp_path, 
     hour_ago = time.time() - 3600
     os.utime(killed, (hour_ago, hour_ago))
     (entry / "meta.json").write_text("{not json")  # damaged by hand
-    with pytest.warns(UserWarning, match="could not be read .* converting the source again"):
+    with pytest.warns(UserWarning, match="is damaged .* converting the source again"):
         again = load_corpus("synthetic", None, "test", n_dialogues=30)
     assert again.dialogues["dialogue_id"] == first.dialogues["dialogue_id"]
     assert not killed.exists() and running.exists()  # a build of the last 10 minutes may be another process's
     assert json.loads((entry / "meta.json").read_text())
+
+
+def test_the_cache_rebuilds_an_entry_whose_values_were_edited_by_hand(tmp_path, monkeypatch):
+    """Every file present and readable, one value changed in place (same size): the checksums catch it."""
+    import datasets
+
+    from crslight.data.corpus import load_corpus
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    turns = load_corpus("synthetic", None, "test", n_dialogues=30).dialogues.to_dict()["turns"]  # copied out of the
+    (entry,) = (tmp_path / "data" / "synthetic").iterdir()                                     # memory-mapped file
+    (arrow,) = (entry / "arrow" / "test").glob("*.arrow")
+    text = turns[0][0]["text"].encode()
+    edited = bytes(c if c == ord(" ") else ord("X") for c in text)
+    data = arrow.read_bytes()
+    assert data.count(text) >= 1 and len(edited) == len(text) != 0
+    arrow.write_bytes(data.replace(text, edited, 1))
+    # without the checksums this entry would be served: it still loads, with the edited text
+    assert datasets.load_from_disk(str(entry / "arrow"))["test"][0]["turns"][0]["text"] == edited.decode()
+    with pytest.warns(UserWarning, match=r"is damaged \(DamagedEntry: changed since the conversion: "
+                                         r"arrow/test/data-00000-of-00001\.arrow\); converting the source again"):
+        again = load_corpus("synthetic", None, "test", n_dialogues=30)
+    assert again.dialogues.to_dict()["turns"] == turns  # converted again: the values as generated
+    assert arrow.read_bytes() == data
+    (entry / "checksums.json").unlink()  # an entry without checksums (deleted, or never written) is not trusted
+    with pytest.warns(UserWarning, match=r"DamagedEntry: no checksums\.json"):
+        assert load_corpus("synthetic", None, "test", n_dialogues=30).dialogues.to_dict()["turns"] == turns
+    assert json.loads((entry / "checksums.json").read_text())

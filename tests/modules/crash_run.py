@@ -1,11 +1,12 @@
-"""A tiny SFT or PPO run in a process of its own, for tests/modules/test_crash_resume.py.
+"""A tiny SFT, PPO or R_phi run in a process of its own, for tests/modules/test_crash_resume.py.
 
     python crash_run.py STAGE MODE FOLDER POLICY [REWARD]
 
-STAGE is ``sft`` or ``ppo``. MODE ``crash`` runs the whole run without a stop (its final checkpoint:
-``FOLDER/straight.ckpt``), then the same run again, writing a checkpoint every few optimizer steps into
-``FOLDER/checkpoints``, until a SIGKILL ends the process a step or two after the newest one, mid-epoch. MODE ``resume``
-runs it from the newest checkpoint in ``FOLDER/checkpoints`` to the end (its final checkpoint: ``FOLDER/resumed.ckpt``).
+STAGE is ``sft``, ``ppo`` or ``reward`` (R_phi: a tiny random Llama over POLICY's tokenizer). MODE ``crash`` runs
+the whole run without a stop (its final checkpoint: ``FOLDER/straight.ckpt``), then the same run again, writing a
+checkpoint every few optimizer steps into ``FOLDER/checkpoints``, until a SIGKILL ends the process a step or two after
+the newest one, mid-epoch. MODE ``resume`` runs it from the newest checkpoint in ``FOLDER/checkpoints`` to the end
+(its final checkpoint: ``FOLDER/resumed.ckpt``).
 """
 
 import os
@@ -17,11 +18,14 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from crslight.data.datamodules import Synthetic
+from crslight.data.pairs import PairOptions
 from crslight.modules.policy import find_checkpoint
 from crslight.modules.ppo import PPOModule
+from crslight.modules.reward import RewardModule
 from crslight.modules.sft import SFTModule
+from crslight.signals import AcceptanceSignal, CompositeLabel, DwellTimeSignal, EngagementSignal
 
-# Optimizer steps: SFT takes one a batch; PPO one an iteration here (2 replies, minibatch 2, one PPO epoch).
+# Optimizer steps: SFT and R_phi take one a batch; PPO one an iteration here (2 replies, minibatch 2, one PPO epoch).
 RUNS = {
     # 4 batches an epoch, 9 steps, validation every 3 (right after each checkpoint, as in configs/*/sft.yaml):
     # checkpoints at 3 and 6 (epoch 1, 2 of its 4 batches trained), killed as step 8 begins
@@ -32,6 +36,13 @@ RUNS = {
     # 1 of its 3 iterations trained), killed as step 6 begins
     "ppo": {"trainer": {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 0},
             "every": 4, "kill_at": 5, "data": {"task": "prompts", "n_dialogues": 30}},
+    # as SFT: 4 batches of 2 pairs an epoch (limit_train_batches: the 8 dialogues give 18); the label of three cheap
+    # signals (no sentence model to load)
+    "reward": {"trainer": {"max_steps": 9, "limit_train_batches": 4, "val_check_interval": 3,
+                           "check_val_every_n_epoch": None, "limit_val_batches": 1},
+               "every": 3, "kill_at": 7,
+               "data": {"task": "pairs", "n_dialogues": 8, "n_items": 30, "pairs": PairOptions(
+                   label=CompositeLabel([DwellTimeSignal(), EngagementSignal(), AcceptanceSignal()], [1.0, 1.0, 2.0]))}},
 }
 
 
@@ -48,6 +59,9 @@ class KillAt(Callback):
 
 
 def make_module(stage: str, policy: str, reward: str | None):
+    if stage == "reward":  # the head's dropout: the RNG state matters as well as the batches
+        return RewardModule(backbone="tiny", backbone_tokenizer=policy, head_dropout=0.1, lr=1e-3, head_lr=1e-2,
+                            warmup_steps=2)
     if stage == "sft":  # LoRA dropout: the RNG state matters as well as the batches
         return SFTModule(model=policy, lr=1e-3, warmup_steps=2, lora=True, lora_r=4, lora_dropout=0.1,
                          eval_episodes=2, eval_max_turns=1, eval_max_new_tokens=4)

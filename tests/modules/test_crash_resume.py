@@ -10,13 +10,16 @@ from pathlib import Path
 
 import torch
 
+import crslight
 from crslight.modules.policy import find_checkpoint
 
 SCRIPT = Path(__file__).with_name("crash_run.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # the crslight this test imported, also where another checkout of it is installed
+    path = os.pathsep.join(filter(None, [str(Path(crslight.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -80,3 +83,11 @@ def test_ppo_killed_mid_epoch_resumes_exactly(tiny_policy, tiny_reward, tmp_path
     assert _position(straight) == _position(resumed) == (9, 2, 3)
     _assert_same(straight, resumed)  # also the KL controller, the reward moments and the iteration count
     assert straight["crslight_state"]["iterations"] == 9
+
+
+def test_reward_model_killed_mid_epoch_resumes_exactly(tiny_policy, tmp_path):
+    straight, newest, resumed = _crash_and_resume("reward", tmp_path, tiny_policy)
+    assert _position(newest) == (6, 1, 2)  # 2 of epoch 1's 4 batches trained
+    assert _position(straight) == _position(resumed) == (9, 2, 1)
+    _assert_same(straight, resumed)  # the head's dropout after the resume drew what the uninterrupted run drew
+    assert straight["optimizer_states"][0]["state"] and newest["crslight_rng"]

@@ -5,8 +5,9 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
-from crslight.modules.policy import RNG_KEY, STATE_KEY
+from crslight.modules.policy import STATE_KEY
 from crslight.modules.ppo import PPOModule
+from crslight.modules.rng import RNG_KEY
 from crslight.modules.sft import SFTModule
 from crslight.signals import AcceptanceSignal
 
