@@ -105,9 +105,9 @@ from crslight.modules.experience import (
     make_experience,
     score_episodes,
 )
+from crslight.modules.optim import lr_multiplier, optimizer_step
 from crslight.modules.policy import Hidden, PolicyModule
 from crslight.modules.rollout import EnginePolicy, Samples, position_ids
-from crslight.modules.sft import warmup_cosine
 from crslight.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -670,7 +670,6 @@ class PPOModule(PolicyModule):
         """
         hp = self.hparams
         opt = self.optimizers()
-        scheduler = self.lr_schedulers()
         n = samples.input_ids.shape[0]
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
@@ -703,11 +702,8 @@ class PPOModule(PolicyModule):
                     for key, value in losses.items():
                         sums[key] += float(value.detach())
                         counts[key] += 1
-                if hp.gradient_clip_val:
-                    self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-                opt.step()  # with optimizer_in_backward a no-op (no gradients are left) that Lightning counts
-                opt.zero_grad()
-                scheduler.step()
+                # with optimizer_in_backward opt.step() is a no-op (no gradients are left) that Lightning counts
+                optimizer_step(self, opt, hp.gradient_clip_val)
         return {key: torch.tensor(value / counts[key]) for key, value in sums.items()}
 
     def item_loss(self, item_logprobs: torch.Tensor, items: torch.Tensor, exp: Experience,
@@ -798,7 +794,7 @@ class PPOModule(PolicyModule):
                     f"--trainer.devices/num_nodes for {self.trainer.world_size} processes and precision "
                     f"{self.trainer.precision}")
             self._step_hooks = step_in_backward(opt)
-        sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, 1, 1.0, "constant"))
+        sched = LambdaLR(opt, lr_multiplier(hp.warmup_steps, 1, 1.0, "constant"))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints ------------------------------------------------------------------------------------------------

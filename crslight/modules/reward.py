@@ -31,7 +31,6 @@ answers (items with ``liked`` in {0, 1}; one entry per item a reply mentions).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.regression import SpearmanCorrCoef
@@ -52,8 +50,8 @@ from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_l
 from crslight.models.lora import apply_lora
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import attribute_words
+from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.rng import restore_rng_states, save_rng_states
-from crslight.modules.sft import warmup_cosine
 from crslight.rl.reward_losses import bradley_terry_loss, pairwise_accuracy, regression_loss
 
 TINY = "tiny"
@@ -386,11 +384,7 @@ class RewardModule(LightningModule):
         loss = self.losses(scores, batch)
         check_loss(loss, "R_phi", self.global_step, {"scores": scores})
         self.manual_backward(loss)
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad()
-        self.lr_schedulers().step()
+        optimizer_step(self, opt, self.hparams.gradient_clip_val)
         scores = scores.detach()
         self.log("train/loss", loss.detach(), prog_bar=True)
         if batch.chosen.numel():
@@ -452,10 +446,7 @@ class RewardModule(LightningModule):
     # -- optimizer ----------------------------------------------------------------------------------------------------
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        batches = self.trainer.estimated_stepping_batches
-        return max(1, int(batches)) if math.isfinite(batches) else 1
+        return total_optimizer_steps(self._trainer)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -468,7 +459,5 @@ class RewardModule(LightningModule):
             {"params": no_decay, "lr": hp.lr, "weight_decay": 0.0},
             {"params": list(self.head.parameters()), "lr": hp.head_lr or hp.lr, "weight_decay": 0.0},
         ]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(hp.betas))
-        total = self.total_optimizer_steps() if self._trainer is not None else 1
-        sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio, hp.lr_schedule))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule([g for g in groups if g["params"]], self.total_optimizer_steps(), hp.warmup_steps,
+                                   hp.min_lr_ratio, hp.lr_schedule, betas=tuple(hp.betas))

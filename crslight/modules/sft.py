@@ -12,20 +12,19 @@ Mixed precision is the Trainer's: ``trainer.precision: bf16-mixed`` runs every f
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
 from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
+from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.policy import PolicyModule
 
 
@@ -45,21 +44,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / n_tokens.clamp(min=1), n_tokens
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str):
-    """The LR multiplier per optimizer step: linear warmup, then constant, linear or cosine decay to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-    return factor
 
 
 class SFTLoss(NamedTuple):
@@ -206,12 +190,7 @@ class SFTModule(PolicyModule):
         self.manual_backward(loss.total / accumulate)
         last = batch_idx + 1 == self.trainer.num_training_batches
         if (batch_idx + 1) % accumulate == 0 or last:
-            if self.hparams.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val,
-                                    gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad()
-            self.lr_schedulers().step()
+            optimizer_step(self, opt, self.hparams.gradient_clip_val)
             if self.hparams.item_head_epochs and self.trainer.global_step >= self.total_optimizer_steps():
                 self.fit_item_head()  # before the last checkpoint is written, so it holds the fitted scores
         lm = loss.lm.detach()
@@ -288,15 +267,10 @@ class SFTModule(PolicyModule):
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the run (``max_steps`` counts optimizer steps with manual optimization)."""
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        batches = self.trainer.estimated_stepping_batches
-        return max(1, math.ceil(batches / self.hparams.accumulate_grad_batches)) if math.isfinite(batches) else 1
+        return total_optimizer_steps(self._trainer, self.hparams.accumulate_grad_batches)
 
     def configure_optimizers(self):
         hp = self.hparams
         params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        total = self.total_optimizer_steps() if self._trainer is not None else 1
-        sched = LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio, hp.lr_schedule))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(params, self.total_optimizer_steps(), hp.warmup_steps, hp.min_lr_ratio,
+                                   hp.lr_schedule, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))

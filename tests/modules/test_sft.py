@@ -10,7 +10,8 @@ from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import IGNORE_INDEX, Synthetic
 from crslight.guards import NonFiniteError
-from crslight.modules.sft import SFTModule, lm_loss, warmup_cosine
+from crslight.modules.optim import lr_multiplier
+from crslight.modules.sft import SFTModule, lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,7 +181,7 @@ def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_p
 
 
 def test_warmup_then_cosine():
-    factor = warmup_cosine(warmup_steps=2, total_steps=6, min_lr_ratio=0.1, schedule="cosine")
+    factor = lr_multiplier(warmup_steps=2, total_steps=6, min_lr_ratio=0.1, schedule="cosine")
     # warmup 1/2, 2/2; then cosine from 1 down to 0.1 over steps 2..6
     assert [round(factor(s), 4) for s in (0, 1, 2, 4, 6)] == [0.5, 1.0, 1.0, 0.55, 0.1]
 
