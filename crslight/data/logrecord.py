@@ -305,3 +305,10 @@ def labels_from_events(events: list[dict]) -> list[dict]:
             liked = 1 if s["clicked"] else 2
         labels.append({"item": item, "suggested": s["suggested"], "seen": s["seen"], "liked": liked})
     return labels
+
+
+def json_schema() -> dict:
+    """The format's JSON Schema (``crslight/data/logs.schema.json``, shipped in the package)."""
+    from importlib.resources import files
+
+    return json.loads(files("crslight.data").joinpath("logs.schema.json").read_text(encoding="utf-8"))
