@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 
 from crslight.cli import main
 from crslight.data import load_corpus
