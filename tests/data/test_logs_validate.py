@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_malformed_inputs import DELETE, check_case, edit_bytes, edit_record, set_bytes
+from test_malformed_inputs import DELETE, check_case, edit_bytes, edit_record, make_redial, set_bytes
 
 from crslight.cli import main
 
@@ -187,6 +187,17 @@ def test_skip_bad_rows_loads_the_rest(tmp_path, capsys):
     assert main(["data", "stats", "--dataset", "logs", "--root", str(root), "--skip-bad-rows"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["bad_rows"] == 1
+
+
+def test_validate_checks_an_official_download_too(tmp_path, capsys, own_cache):
+    root = make_redial(tmp_path / "redial")
+    assert main(["data", "validate", "--dataset", "redial", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "usable"
+    edit_record("messages[1].timeOffset", "soon")(root)
+    assert main(["data", "validate", "--dataset", "redial", "--root", str(root)]) == 2
+    out = capsys.readouterr().out
+    assert f"error: {root / 'train_data.jsonl'}, line 2, field 'messages[1].timeOffset'" in out
+    assert json.loads(out.splitlines()[-2])["bad_rows"] == 1 and not own_cache.exists()
 
 
 @pytest.fixture
