@@ -2,7 +2,7 @@
 
 ``fit`` / ``test`` / ``validate`` / ``predict`` are LightningCLI subcommands over any stage (``SFTModule``,
 ``RewardModule``, ``PPOModule``) and any DataModule, named by short class name in YAML. The other commands are small
-tools: ``data stats``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``compare``, ``ablate``; ``pipeline``
+tools: ``data stats`` / ``validate`` / ``export-logs``, ``plugins``, ``simulate``, ``chat``, ``export``, ``plot``, ``compare``, ``ablate``; ``pipeline``
 runs the whole method (SFT, reward model, PPO, and the test of each policy) in one command.
 
 Plugins are imported from their entry points before anything parses, so their classes resolve by short name.
@@ -33,14 +33,27 @@ def _tool_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect a data source").add_subparsers(dest="action", required=True)
     stats = data.add_parser("stats", help="print one JSON object with a split's counts")
-    stats.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic"])
-    stats.add_argument("--root", default=None, help="folder of the official download (not for synthetic)")
+    validate = data.add_parser("validate", help="check a source without training: every problem with file, line "
+                               "and field; exit code 2 when the data cannot be used")
+    for command in (stats, validate):
+        command.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic", "logs"])
+        command.add_argument("--root", default=None, help="folder of the official download, or for logs a folder of "
+                             "interaction logs or one conversations file (docs/logs.md); not for synthetic")
+        command.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+        command.add_argument("--n-dialogues", type=int, default=1000, help="synthetic: train dialogues")
+        command.add_argument("--catalogue", default="recommended", choices=["recommended", "entities"],
+                             help="opendialkg: the entities recommender turns mention (published convention) or all "
+                             "entities")
     stats.add_argument("--split", default="train", choices=["train", "valid", "test"])
     stats.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report how many")
-    stats.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    stats.add_argument("--n-dialogues", type=int, default=1000, help="synthetic: train dialogues")
-    stats.add_argument("--catalogue", default="recommended", choices=["recommended", "entities"],
-                       help="opendialkg: the entities recommender turns mention (published convention) or all entities")
+    export_logs = data.add_parser("export-logs", help="write a source in the interaction-log format (docs/logs.md)")
+    export_logs.add_argument("--dataset", required=True, choices=["synthetic"])
+    export_logs.add_argument("--out", required=True, help="a new (or empty) folder")
+    export_logs.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    export_logs.add_argument("--n-dialogues", type=int, default=1000, help="synthetic: train dialogues")
+    export_logs.add_argument("--n-items", type=int, default=400, help="synthetic: catalogue size")
+    export_logs.add_argument("--n-eval-dialogues", type=int, default=None,
+                             help="synthetic: valid and test dialogues (default: a fifth of --n-dialogues)")
 
     plugins = sub.add_parser("plugins", help="list registered signals and metrics with their packages")
     plugins.add_argument("--json", action="store_true")
@@ -81,6 +94,8 @@ def run_tool(argv: list[str]) -> int:
     if args.command == "data":
         from crslight.data import DataError, load_corpus
 
+        if args.action != "stats":
+            return _data_tool(args)
         try:
             corpus = load_corpus(args.dataset, args.root, args.split, skip_bad_rows=args.skip_bad_rows,
                                  seed=args.seed, n_dialogues=args.n_dialogues, catalogue=args.catalogue)
@@ -133,6 +148,30 @@ def run_tool(argv: list[str]) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return 0
     raise AssertionError(args.command)
+
+
+def _data_tool(args: argparse.Namespace) -> int:
+    """``data validate`` and ``data export-logs``."""
+    from crslight.data import DataError
+
+    if args.action == "validate":
+        from crslight.data.validate import validate
+
+        options = {"seed": args.seed, "n_dialogues": args.n_dialogues, "catalogue": args.catalogue}
+        result = validate(args.dataset, args.root, **options)
+        *problems, verdict = result.lines()
+        print("\n".join(problems + [json.dumps(result.counts, default=_json_default), verdict]))
+        return 0 if result.usable else 2
+    from crslight.data.export_logs import export_synthetic
+
+    try:
+        counts = export_synthetic(args.out, seed=args.seed, n_dialogues=args.n_dialogues, n_items=args.n_items,
+                                  n_eval_dialogues=args.n_eval_dialogues)
+    except DataError as e:
+        print(f"crslight data export-logs: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,18 +14,21 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
-from crslight.data import opendialkg, redial, synthetic
+from crslight.data import logs, opendialkg, redial, synthetic
 from crslight.data.cache import cache_key, cached
 from crslight.data.errors import DataError, LoadReport, require_files
+from crslight.data.logrecord import LOG_FEATURES
 from crslight.schema import CATALOGUE_FEATURES, DIALOGUE_FEATURES, RecSample, rec_samples
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("redial", "opendialkg", "synthetic")
+SOURCES = ("redial", "opendialkg", "synthetic", "logs")
 SPLITS = ("train", "valid", "test")
 #: Bump when a converter's output changes, so old cache entries are not reused.
 CONVERTER_VERSION = 4  # 2: empty files, duplicate or leaked dialogue ids, bad offsets and ratings are errors; 3: duplicate
 # movie ids, both questionnaires checked, an empty OpenDialKG recommended catalogue; 4: entries carry checksums
+#: the same for the interaction-log converter (crslight.data.logs, crslight.data.logrecord)
+LOGS_CONVERTER_VERSION = 1
 
 
 @dataclass
@@ -33,11 +36,12 @@ class Corpus:
     """One split of one source in the canonical schema.
 
     Attributes:
-        name: the source (``redial``, ``opendialkg``, ``synthetic``).
+        name: the source (``redial``, ``opendialkg``, ``synthetic``, ``logs``).
         split: ``train``, ``valid`` or ``test``.
         dialogues: the dialogues (``datasets.Dataset``, schema in ``crslight.schema``).
         catalogue: the item catalogue (``datasets.Dataset``).
         report: rows skipped and item ids not resolved while converting (over all splits of the source).
+        info: what the source adds to :meth:`stats` (``logs``: the split rule).
     """
 
     name: str
@@ -45,6 +49,7 @@ class Corpus:
     dialogues: datasets.Dataset
     catalogue: datasets.Dataset
     report: LoadReport = field(default_factory=LoadReport)
+    info: dict = field(default_factory=dict)
 
     @cached_property
     def item_index(self) -> dict[str, int]:
@@ -78,7 +83,18 @@ class Corpus:
             "rated_dialogues": sum(r == r for r in self.dialogues["rating"]),
             "unknown_items": self.report.unknown_items,
             "bad_rows": self.report.bad_rows,
+            **self._log_stats(),
+            **self.info,
         }
+
+    def _log_stats(self) -> dict:
+        """Interaction logs only: their item events and how many turns carry a timestamp."""
+        if "events" not in self.dialogues.column_names:
+            return {}
+        turns = self.dialogues["turns"]
+        return {"events": sum(len(e) for e in self.dialogues["events"]),
+                "timed_turns": sum(t["time"] == t["time"] for ts in turns for t in ts),
+                "users": len(set(self.dialogues["user_id"]) - {""})}
 
 
 def _table(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
@@ -87,8 +103,9 @@ def _table(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def _to_datasets(splits: dict[str, list[dict]], catalogue: list[dict]) -> datasets.DatasetDict:
-    out = {s: _table(rows, DIALOGUE_FEATURES) for s, rows in splits.items()}
+def _to_datasets(splits: dict[str, list[dict]], catalogue: list[dict],
+                 features: datasets.Features = DIALOGUE_FEATURES) -> datasets.DatasetDict:
+    out = {s: _table(rows, features) for s, rows in splits.items()}
     out["catalogue"] = _table(catalogue, CATALOGUE_FEATURES)
     return datasets.DatasetDict(out)
 
@@ -108,8 +125,9 @@ def load_corpus(
     """Loads one split of a source in the canonical schema.
 
     Args:
-        name: ``redial``, ``opendialkg`` or ``synthetic``.
-        root: the folder of the official download (``redial``, ``opendialkg``); unused for ``synthetic``.
+        name: ``redial``, ``opendialkg``, ``synthetic`` or ``logs``.
+        root: the folder of the official download (``redial``, ``opendialkg``); for ``logs`` a folder of interaction
+            logs or one conversations file (``crslight.data.logs``, ``docs/logs.md``); unused for ``synthetic``.
         split: ``train``, ``valid`` or ``test`` (the split rules are in each loader's docstring).
         skip_bad_rows: skip malformed lines/rows instead of raising; how many is in ``corpus.report.bad_rows``.
         cache: store the conversion in the Arrow cache (``$CRSLIGHT_CACHE``, default ``~/.cache/crslight``).
@@ -138,6 +156,20 @@ def load_corpus(
             return _to_datasets(splits, synthetic.make_catalogue(seed, n_items)), {}
 
         key = f"v{CONVERTER_VERSION}-s{seed}-d{n_dialogues}-e{n_eval}-i{n_items}"
+    elif name == "logs":
+        if root is None:
+            raise DataError("<root>", "--root is required for logs: a folder of interaction logs or one .jsonl / "
+                            ".parquet file of conversations (docs/logs.md)")
+        catalogue_file, files = logs.find_files(root)
+
+        def build():
+            splits, items, rule = logs.load_splits(root, report, skip_bad_rows)
+            return _to_datasets(splits, items, LOG_FEATURES), {
+                "bad_rows": report.bad_rows, "unknown_items": report.unknown_items, "errors": report.errors,
+                "info": {"split_rule": rule}}
+
+        key = cache_key([catalogue_file] + [f for f, _ in files], version=LOGS_CONVERTER_VERSION,
+                        skip_bad_rows=skip_bad_rows, splits=[s for _, s in files])
     else:
         if root is None:
             raise DataError("<root>", f"--root is required for {name}: the folder of the official download")
@@ -157,4 +189,4 @@ def load_corpus(
     report = LoadReport(meta.get("bad_rows", 0), meta.get("unknown_items", 0), meta.get("errors", []))
     if report.bad_rows:
         log.warning("%s: skipped %d bad rows; first: %s", name, report.bad_rows, report.errors[:1])
-    return Corpus(name, split, data[split], data["catalogue"], report)
+    return Corpus(name, split, data[split], data["catalogue"], report, meta.get("info", {}))

@@ -1,4 +1,4 @@
-"""LightningDataModules: one per source (``ReDial``, ``OpenDialKG``, ``Synthetic``), one ``task`` per stage.
+"""LightningDataModules: one per source (``ReDial``, ``OpenDialKG``, ``Synthetic``, ``Logs``), one ``task`` per stage.
 
 - ``task: sft`` — whole dialogues with a loss mask on the recommender's tokens (:class:`SFTBatch`): one pass trains
   on every recommender turn of a dialogue.
@@ -302,6 +302,17 @@ class OpenDialKG(CRSDataModule):
 
     def corpus_options(self) -> dict:
         return {"catalogue": self.catalogue}
+
+
+class Logs(CRSDataModule):
+    """A team's own interaction logs in crslight's format (``docs/logs.md``, ``crslight.data.logs``).
+
+    ``root`` is the folder of logs (conversations ``*.jsonl`` / ``*.parquet``, optionally in ``train/``, ``valid/``,
+    ``test/``, and ``catalogue.csv`` / ``.jsonl`` / ``.parquet``) or one conversations file with the catalogue beside
+    it. Check it first with ``crslight data validate --dataset logs --root DIR``.
+    """
+
+    source = "logs"
 
 
 class Synthetic(CRSDataModule):

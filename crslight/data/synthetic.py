@@ -52,6 +52,8 @@ NOUNS = ["River", "Garden", "Kingdom", "Signal", "Harbor", "Engine", "Orchard", 
 ACCEPT_THRESHOLD = 1.0
 CATALOGUE_SEED_OFFSET = 1_000_003
 SPLIT_SEED_OFFSET = {"train": 0, "valid": 1, "test": 2}
+#: the recommender's reply after the seeker accepted a suggestion (it closes every accepted dialogue)
+CLOSING = "Enjoy the movie! Anything else I can help with?"
 
 
 def make_catalogue(seed: int, n_items: int = 400) -> list[dict]:
@@ -167,7 +169,7 @@ def generate_dialogue(
         turns.append(turn(SEEKER, reaction_text(rng, item, value, is_seen, accepted), [item["item_id"]], time=clock))
         if accepted:
             clock += 6.0
-            turns.append(turn(RECOMMENDER, "Enjoy the movie! Anything else I can help with?", time=clock))
+            turns.append(turn(RECOMMENDER, CLOSING, time=clock))
             clock += _dwell(rng, True)
             turns.append(turn(SEEKER, "No, that's all. Thank you!", time=clock))
             break
