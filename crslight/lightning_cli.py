@@ -105,6 +105,34 @@ def cpu_precision(precision, accelerator) -> object:
     return precision
 
 
+def policy_tokenizer(model: str, tokenizer: str | None) -> str:
+    """``data.init_args.tokenizer`` of a config: the policy's, ``model.init_args.model`` (the DataModule writes the token
+    ids the policy reads, so the two never differ). A config that also states the DataModule's tokenizer may name the
+    same model or leave the default; any other name ends the command with a message naming both options."""
+    from crslight.data.datamodules import DEFAULT_TOKENIZER
+
+    if tokenizer not in (None, model, DEFAULT_TOKENIZER):
+        raise ValueError(f"data.init_args.tokenizer ({tokenizer}) follows model.init_args.model ({model}): leave it "
+                         "out; the policy and its DataModule share one tokenizer, the one in the model's folder "
+                         "(docs/configs.md)")
+    return model
+
+
+def drop_retired_arguments(model_config) -> None:
+    """Lets ``--ckpt_path`` read a checkpoint written before two arguments were retired (its hyper-parameters arrive
+    as ``dict_kwargs`` the class no longer takes): R_phi's ``bf16`` is dropped (``trainer.precision`` decides), and
+    PPO's ``simulator_args`` become the named simulator's ``init_args``."""
+    extra = model_config.get("dict_kwargs") if model_config is not None else None
+    if not extra:
+        return
+    extra.pop("bf16", None)
+    simulator_args = extra.pop("simulator_args", None)
+    simulator = model_config.get("init_args.simulator")
+    if simulator_args and simulator is not None and not isinstance(simulator, str):
+        for key, value in simulator_args.items():
+            simulator["init_args"][key] = value
+
+
 def checked_checkpoint(ckpt_path: str) -> Path | str:
     """``--ckpt_path``'s checkpoint file (a run folder stands for its newest ``.ckpt``); a path that is missing, an
     empty folder, or a file that is not a whole PyTorch checkpoint (text, random bytes, a truncated copy) ends the
@@ -137,6 +165,13 @@ class CRSLightningCLI(LightningCLI):
     """LightningCLI with crslight's conventions (plugins loaded, ``test_metrics.json`` and ``test_episodes.jsonl``
     written after ``test``)."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        """``data.init_args.tokenizer`` follows ``model.init_args.model`` (:func:`policy_tokenizer`) for every stage whose
+        module has a ``model`` and whose DataModule has a ``tokenizer``; elsewhere (R_phi reads text) the link is
+        skipped."""
+        parser.link_arguments(("model.init_args.model", "data.init_args.tokenizer"), "data.init_args.tokenizer",
+                              compute_fn=policy_tokenizer, apply_on="parse")
+
     def instantiate_classes(self) -> None:
         """A constructor that rejects its arguments ends the command with its own message, naming the class, instead
         of jsonargparse's union-type error around two tracebacks."""
@@ -163,8 +198,20 @@ class CRSLightningCLI(LightningCLI):
                 self.config[subcommand]["weights_only"] = True
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: v for k, v in dict(init_args or {}).items() if k.startswith("eval_")}
+        # the checkpoint's model may replace the config's: the linked tokenizer (policy_tokenizer) must follow it
+        from crslight.data.datamodules import DEFAULT_TOKENIZER
+
+        data = self.config[subcommand].get("data.init_args") if subcommand else None
+        policy = init_args.get("model") if init_args is not None else None
+        linked = policy is not None and data is not None and data.get("tokenizer") == policy
+        if linked:
+            data["tokenizer"] = DEFAULT_TOKENIZER
         with naming_refused_file(f"--ckpt_path {self.config[subcommand].get('ckpt_path')}" if subcommand else ""):
             super()._parse_ckpt_path()
+        drop_retired_arguments(self.config[subcommand].get("model") if subcommand else None)
+        data = self.config[subcommand].get("data.init_args") if subcommand else None
+        if linked and data.get("tokenizer") == DEFAULT_TOKENIZER:  # no hyper-parameters read: the config's policy
+            data["tokenizer"] = self.config[subcommand]["model.init_args"].get("model", policy)
         if kept and self.config[subcommand].get("model.init_args") is not None:
             for key, value in kept.items():
                 self.config[subcommand]["model.init_args"][key] = value

@@ -37,6 +37,66 @@ def test_a_constructor_rejecting_an_option_ends_with_its_message(monkeypatch, ca
     assert "gradient_clip_val to null (got 1.0)" in message and "raise ValueError" not in message
 
 
+def _instantiate(args: list[str]):
+    from jsonargparse import set_docstring_parse_options
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from crslight.lightning_cli import CRSLightningCLI, _import_parts
+
+    set_docstring_parse_options(attribute_docstrings=True)
+    _import_parts()
+    return CRSLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           run=False, auto_configure_optimizers=False, args=[*args, "--trainer.logger=false"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_the_data_tokenizer_follows_the_policy_model(stage, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cli = _instantiate(["-c", f"configs/synthetic/{stage}.yaml", "--model.init_args.model=runs/my_policy"])
+    assert cli.model.hparams.model == cli.datamodule.tokenizer_name == "runs/my_policy"
+    # stating the same name (or the default, which the link replaces) beside it is accepted
+    for given in ("runs/my_policy", "smollm2"):
+        cli = _instantiate(["-c", f"configs/synthetic/{stage}.yaml", "--model.model=runs/my_policy",
+                            f"--data.tokenizer={given}"])
+        assert cli.datamodule.tokenizer_name == "runs/my_policy"
+
+
+def test_a_data_tokenizer_other_than_the_policy_ends_with_exit_code_2(monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        _instantiate(["-c", "configs/synthetic/sft.yaml", "--data.init_args.tokenizer=gpt2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.init_args.tokenizer (gpt2) follows model.init_args.model (smollm2)" in err
+
+
+def test_a_reward_config_links_no_tokenizer(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cli = _instantiate(["-c", "configs/synthetic/reward.yaml", "--model.backbone=tiny"])
+    assert cli.datamodule.task == "pairs" and cli.datamodule.tokenizer_name == "smollm2"  # R_phi reads text
+
+
+def test_checkpoint_arguments_retired_since_are_dropped_or_moved():
+    from jsonargparse import Namespace
+
+    from crslight.lightning_cli import drop_retired_arguments
+
+    reward = Namespace(class_path="RewardModule", init_args=Namespace(lr=1.0), dict_kwargs={"bf16": True})
+    drop_retired_arguments(reward)
+    assert reward.dict_kwargs == {}
+    persona = Namespace(class_path="PersonaSimulator", init_args=Namespace(noise=0.3, leave_step=0.15))
+    ppo = Namespace(class_path="PPOModule", init_args=Namespace(simulator=persona),
+                    dict_kwargs={"simulator_args": {"leave_step": 0.5}})
+    drop_retired_arguments(ppo)
+    assert ppo.dict_kwargs == {} and ppo.init_args.simulator.init_args == Namespace(noise=0.3, leave_step=0.5)
+
+
 def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch, capsys):
     import torch
 
@@ -63,7 +123,7 @@ def test_a_data_error_inside_fit_ends_with_exit_code_2_and_no_traceback(tiny_pol
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
     code = main(["fit", "-c", "configs/redial/sft.yaml", f"--model.init_args.model={tiny_policy}",
-                 f"--data.init_args.tokenizer={tiny_policy}", f"--data.init_args.root={tmp_path}",
+                 f"--data.init_args.root={tmp_path}",
                  "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.precision=32-true"])
     err = capsys.readouterr().err
     assert code == 2

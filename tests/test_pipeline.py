@@ -23,7 +23,7 @@ def _shrunk(stage: str, tiny_policy: str) -> dict:
         trainer.update(max_steps=3, val_check_interval=3)
     else:
         model["model"] = tiny_policy
-        data.update(tokenizer=tiny_policy, max_length=96)
+        data.update(max_length=96)  # the tokenizer follows the model
         if stage == "sft":
             trainer.update(max_steps=3, val_check_interval=3, limit_val_batches=1)
         else:

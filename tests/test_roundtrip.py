@@ -111,7 +111,7 @@ def tiny_config(dataset: str, stage: str, policy: str, root: Path | None, runs: 
         return config
     model["model"] = policy
     model.update(eval_episodes=2, eval_max_new_tokens=6)
-    data.update(tokenizer=policy, max_length=128, batch_size=2, max_samples=8)
+    data.update(max_length=128, batch_size=2, max_samples=8)  # the tokenizer follows the model
     if stage == "sft":
         trainer.update(max_steps=2, val_check_interval=2, limit_val_batches=1)
         model.update(item_head_epochs=2, item_head_dialogues=8, eval_reward_model=str(reward_model))

@@ -103,6 +103,10 @@ def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Ten
     return out
 
 
+DEFAULT_TOKENIZER = "smollm2"
+"""The DataModule's tokenizer when none is given; in a config it follows the policy (``model.init_args.model``)."""
+
+
 class CRSDataModule(LightningDataModule):
     """Shared DataModule logic; use the per-source subclasses in configs.
 
@@ -110,7 +114,8 @@ class CRSDataModule(LightningDataModule):
         root: folder of the official download (``None`` for ``Synthetic``).
         task: ``sft`` (dialogues with a recommender loss mask), ``prompts`` (one prompt per recommender turn) or
             ``pairs`` (reward-model samples and preference pairs, as text: see ``crslight.data.pairs``).
-        tokenizer: model name, folder or alias whose tokenizer and chat template are used (``smollm2``).
+        tokenizer: model name, folder or alias whose tokenizer and chat template are used (``smollm2``). In a config
+            it is the policy's, linked to ``model.init_args.model`` (``crslight.lightning_cli``): leave it out.
         batch_size: samples per batch.
         max_length: tokens kept per sample (dialogues are cut on the right, prompts lose their oldest turns); the
             test split's dialogues are never cut, so that every recommendation sample is scored.
@@ -129,7 +134,7 @@ class CRSDataModule(LightningDataModule):
         self,
         root: str | None = None,
         task: Literal["sft", "prompts", "pairs"] = "sft",
-        tokenizer: str = "smollm2",
+        tokenizer: str = DEFAULT_TOKENIZER,
         batch_size: int = 8,
         max_length: int = 512,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,

@@ -120,7 +120,7 @@ from crslight.rl import (
     ppo_value_loss,
 )
 from crslight.signals.base import SignalExtractor
-from crslight.simulator.env import ConversationEnv, build_environment
+from crslight.simulator.env import ConversationEnv, SimulatorFactory, build_environment
 
 
 def allocate_adam_state(opt: torch.optim.Optimizer) -> None:
@@ -207,9 +207,11 @@ class PPOModule(PolicyModule):
         reward_device: Device for R_phi (``cpu``, ``cuda:1``); ``None`` puts it with the policy.
         signals: Direct reward signals by class name (``AcceptanceSignal`` ...), read from the simulated reactions.
         signal_weights: One weight per signal (1.0 each when ``None``).
-        simulator: User simulator class (``PersonaSimulator``, ``GroundedSimulator``, ``auto`` for the dataset's
-            default); ``None`` trains single replies to the DataModule's prompts.
-        simulator_args: Keyword arguments of the simulator beside the catalogue.
+        simulator: The user simulator, given like ``signals`` by class path and its arguments beside the catalogue
+            (which the DataModule supplies): ``{class_path: GroundedSimulator, init_args: {leave_step: 0.2}}``, or
+            the class name alone (``PersonaSimulator``); any ``crslight.simulators`` entry point. ``auto``: the
+            dataset's default (:func:`~crslight.simulator.env.default_simulator`). ``None`` trains single replies to
+            the DataModule's prompts. In Python also a class name or a callable taking the catalogue.
         max_turns: Replies per simulated episode at most.
         env_seed: Seed of the episodes' draws (which dialogue, which user decisions).
         max_new_tokens: Longest reply, in tokens.
@@ -285,8 +287,7 @@ class PPOModule(PolicyModule):
         reward_device: str | None = None,
         signals: list[SignalExtractor] | None = None,
         signal_weights: list[float] | None = None,
-        simulator: str | None = None,
-        simulator_args: dict[str, Any] | None = None,
+        simulator: Literal["auto"] | SimulatorFactory | None = None,
         max_turns: int = 3,
         env_seed: int = 0,
         max_new_tokens: int = 48,
@@ -351,8 +352,9 @@ class PPOModule(PolicyModule):
                 "optimizer_in_backward steps each weight during the backward pass, so it needs one backward pass per "
                 "optimizer step and no clipping by the global norm: set micro_batch_size equal to minibatch_size "
                 f"(got {micro_batch_size} and {minibatch_size}) and gradient_clip_val to null (got {gradient_clip_val})")
-        self.save_hyperparameters(ignore=["signals"])
+        self.save_hyperparameters(ignore=["signals", "simulator"])  # objects; the CLI saves the config beside the run
         self.signals = list(signals or [])
+        self.simulator = simulator
         self.signal_weights = list(signal_weights) if signal_weights is not None else [1.0] * len(self.signals)
         self.kl_controller = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target is not None
                               else FixedKLController(kl_coef))
@@ -437,8 +439,8 @@ class PPOModule(PolicyModule):
                 continue
             corpus = datamodule.corpus(datamodule.splits[split])
             self.corpora[split] = corpus
-            self.environments[split] = None if hp.simulator is None else build_environment(
-                corpus, hp.simulator, hp.simulator_args, root=getattr(datamodule, "root", None),
+            self.environments[split] = None if self.simulator is None else build_environment(
+                corpus, self.simulator, root=getattr(datamodule, "root", None),
                 max_turns=hp.max_turns, seed=hp.env_seed)
 
     # -- forward passes ---------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ with a margin and TRL's reward-centring term; or pointwise regression on the lab
 linear warmup then cosine/linear decay stepped by hand (so ``trainer.max_steps`` counts optimizer steps). The head
 gets its own learning rate: it starts random while the backbone is pretrained. On two CPU cores the cost is the
 backbone's forward and backward; ``trainable_layers`` freezes the embeddings and lower layers (no backward through
-them; 0 freezes the whole backbone, the ReDial default), ``lora`` trains adapters instead, and ``bf16`` runs the
-forward under bfloat16 autocast.
+them; 0 freezes the whole backbone, the ReDial default), and ``lora`` trains adapters instead. Precision is the
+trainer's, as for every stage: ``trainer.precision: bf16-mixed`` runs the backbone under bfloat16 autocast (and so does
+a PPO run's, when it scores with R_phi); the pooling, the head and the loss stay float32.
 
 **Evaluation** (``val/...``, ``test/...``): pairwise accuracy (overall and per pair kind), Spearman correlation with the
 held-out composite labels of real replies, and AUROC of the reply's score against the questionnaire's ``liked``
@@ -125,7 +126,6 @@ class RewardModule(LightningModule):
         lora_alpha: LoRA scaling numerator.
         lora_dropout: Dropout on the adapters' input.
         lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer.
-        bf16: Run the forward pass under bfloat16 autocast (the head and the loss stay float32).
         head_dropout: Dropout on the pooled state before the head.
         dtype: Parameter dtype of the backbone.
         score_batch_size: Samples per forward pass in :meth:`score`.
@@ -164,7 +164,6 @@ class RewardModule(LightningModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | str | None = "all-linear",
-        bf16: bool = False,
         head_dropout: float = 0.1,
         dtype: str = "float32",
         score_batch_size: int = 64,
@@ -265,26 +264,27 @@ class RewardModule(LightningModule):
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.bf16):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        # under the trainer's precision (bf16 autocast with ``bf16-mixed``); pooled in float32
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state.float()
         if self.pooling == "last":
-            return gather_last_token(hidden, attention_mask).float()
+            return gather_last_token(hidden, attention_mask)
         if self.pooling == "cls":
-            return hidden[:, 0].float()
+            return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_input_ids: torch.Tensor | None = None,
                 reply_attention_mask: torch.Tensor | None = None, context_index: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
         """``(b,)`` scores of tokenised inputs (see :meth:`encode`)."""
         pooled = self._pooled(input_ids, attention_mask, **kwargs)
-        if reply_input_ids is None:
+        if reply_input_ids is not None:
+            u = F.normalize(pooled, dim=-1)
+            u = u if context_index is None else u[context_index]
+            v = F.normalize(self._pooled(reply_input_ids, reply_attention_mask), dim=-1)
+            pooled = torch.cat([u, v, u * v], dim=-1)
+        with torch.autocast(self.device.type, enabled=False):  # the head in float32 under any autocast
             return self.head(pooled)
-        u = F.normalize(pooled, dim=-1)
-        u = u if context_index is None else u[context_index]
-        v = F.normalize(self._pooled(reply_input_ids, reply_attention_mask), dim=-1)
-        return self.head(torch.cat([u, v, u * v], dim=-1))
 
     def score_texts(self, contexts: list, replies: list[str]) -> torch.Tensor:
         """``(b,)`` scores of (context, reply) inputs, with gradients (training and evaluation use it)."""

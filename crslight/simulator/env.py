@@ -32,6 +32,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,11 @@ from crslight.simulator.linker import ItemLinker
 from crslight.simulator.persona import PersonaSimulator
 
 Policy = Callable[[list[list[dict]]], list[str]]
+SimulatorFactory = Callable[[Any], UserSimulator]
+"""A user simulator still missing its item catalogue: called with the split's catalogue, it returns the simulator. In
+a config it is a class path with the simulator's other arguments (``{class_path: GroundedSimulator, init_args:
+{leave_step: 0.2}}``, or only the class name), which jsonargparse turns into such a callable; in Python a class or a
+``functools.partial`` of one."""
 ENDINGS = ("accept", "leave", "turn_limit")
 
 
@@ -341,24 +347,29 @@ def simulator_class(name: str) -> type[UserSimulator]:
     return cls
 
 
-def build_environment(corpus, simulator: str = "auto", simulator_args: dict | None = None, root: str | None = None,
+def build_environment(corpus, simulator: str | SimulatorFactory = "auto", root: str | None = None,
                       max_turns: int = 5, seed: int = 0) -> ConversationEnv:
     """The conversation environment over a corpus split: the one way crslight assembles it (module docstring).
 
     Args:
         corpus: the split (``crslight.data.Corpus``) whose dialogues start the episodes.
-        simulator: ``auto`` for the dataset's default (:func:`default_simulator`), else a simulator class name
-            (an entry point of ``crslight.simulators``, built-ins included: :func:`simulator_class`).
-        simulator_args: keyword arguments of a named simulator beside the catalogue (not used with ``auto``).
+        simulator: ``auto`` for the dataset's default (:func:`default_simulator`); a simulator class name (an entry
+            point of ``crslight.simulators``, built-ins included: :func:`simulator_class`), built with its defaults;
+            or a :data:`SimulatorFactory` (a config's ``class_path`` + ``init_args``, a ``functools.partial``),
+            called with the split's catalogue.
         root: the dataset's folder (ReDial's default simulator refits its dwell model from the train split there).
         max_turns: replies per episode at most.
         seed: base seed; episode ``i`` uses ``default_rng([seed, i])``.
 
     Raises:
         ValueError: an unknown simulator name (the message lists the known ones).
+        TypeError: the factory built something that is not a :class:`UserSimulator`.
     """
     if simulator == "auto":
         user = default_simulator(corpus, root)
     else:
-        user = simulator_class(simulator)(corpus.catalogue, **(simulator_args or {}))
+        factory = simulator_class(simulator) if isinstance(simulator, str) else simulator
+        user = factory(corpus.catalogue)
+        if not isinstance(user, UserSimulator):
+            raise TypeError(f"simulator {simulator!r} built a {type(user).__name__}, not a UserSimulator")
     return ConversationEnv.from_corpus(corpus, user, linker=linker_for(corpus), max_turns=max_turns, seed=seed)

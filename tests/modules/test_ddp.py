@@ -12,17 +12,19 @@ from transformers import AutoModelForCausalLM
 
 PPO_SCRIPT = """
 import sys
+from functools import partial
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from crslight.data.datamodules import Synthetic
 from crslight.modules.ppo import PPOModule
 from crslight.signals import AcceptanceSignal
+from crslight.simulator import PersonaSimulator
 
 policy, out = sys.argv[1], sys.argv[2]
 seed_everything(0)  # the same seed on both ranks: only their own prompts and episodes make them differ
 data = Synthetic(task="prompts", tokenizer=policy, n_dialogues=40, batch_size=2, max_length=96)
-module = PPOModule(model=policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator",
-                   simulator_args={"leave_step": 0.5}, max_turns=2, max_new_tokens=6, minibatch_size=2,
+module = PPOModule(model=policy, signals=[AcceptanceSignal()], simulator=partial(PersonaSimulator, leave_step=0.5),
+                   max_turns=2, max_new_tokens=6, minibatch_size=2,
                    micro_batch_size=1, ppo_epochs=1, lr=1e-3, kl_target=1.0, kl_horizon=10)
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                   limit_val_batches=1, num_sanity_val_steps=0, logger=False,

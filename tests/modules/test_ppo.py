@@ -1,5 +1,6 @@
 """PPOModule: short runs on the synthetic scenario with a tiny policy and a tiny R_phi, and its rollout pieces."""
 
+import functools
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from crslight.modules.ppo import PPOModule, allocate_adam_state
 from crslight.modules.rollout import EnginePolicy, pack
 from crslight.signals import AcceptanceSignal
 from crslight.signals.base import SignalExtractor
+from crslight.simulator import PersonaSimulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,8 +150,6 @@ def test_ppo_configs_instantiate(path, monkeypatch):
     from lightning.pytorch import LightningDataModule, LightningModule
 
     from crslight.lightning_cli import CRSLightningCLI, _import_parts
-    from crslight.simulator import simulator_class
-
     monkeypatch.chdir(REPO)
     set_docstring_parse_options(attribute_docstrings=True)
     _import_parts()
@@ -158,7 +158,13 @@ def test_ppo_configs_instantiate(path, monkeypatch):
     module = cli.model
     assert isinstance(module, PPOModule) and cli.datamodule.task == "prompts"
     assert module.hparams.init_from.startswith("runs/sft/") and module.hparams.reward_model.startswith("runs/reward/")
-    assert module.hparams.simulator == "auto" or simulator_class(module.hparams.simulator)
+    if path.parent.name == "synthetic":  # a class path with its arguments, built with the split's catalogue in setup
+        from crslight.data import load_corpus
+
+        user = module.simulator(load_corpus("synthetic", None, "test", n_dialogues=10, n_items=40).catalogue)
+        assert isinstance(user, PersonaSimulator) and (user.noise, user.leave_step) == (0.3, 0.15)
+    else:
+        assert module.simulator == "auto"  # the dataset's default (crslight.simulator.env.default_simulator)
     assert len(module.signals) == len(module.signal_weights)
     assert len(CONFIGS) == 3
 
@@ -449,13 +455,13 @@ def test_setup_builds_each_environment_once_through_the_factory(tiny_policy, mon
 
     monkeypatch.setattr(ppo, "build_environment", build_environment)
     data = Synthetic(task="prompts", tokenizer=tiny_policy, n_dialogues=30)
-    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator="PersonaSimulator",
-                       simulator_args={"leave_step": 0.5}, max_turns=4, env_seed=7)
+    persona = functools.partial(PersonaSimulator, leave_step=0.5)  # what a config's class_path + init_args give
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], simulator=persona, max_turns=4, env_seed=7)
     module._trainer = SimpleNamespace(datamodule=data)  # what setup reads
     module.setup("fit")
     module.setup("validate")  # built already
     options = {"root": None, "max_turns": 4, "seed": 7}
-    assert calls == [(s, ("PersonaSimulator", {"leave_step": 0.5}), options) for s in ("train", "valid")]
+    assert calls == [(s, (persona,), options) for s in ("train", "valid")]
     assert module.environments == {"fit": "train", "validate": "valid"}
     single = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()])
     single._trainer = SimpleNamespace(datamodule=data)

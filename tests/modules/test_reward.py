@@ -154,6 +154,39 @@ def test_checkpoint_round_trip_gives_identical_scores(batch, tmp_path):
     assert torch.equal(RewardModule.load(tmp_path).score(batch), expected)  # a folder: its newest checkpoint
 
 
+def test_trainer_precision_decides_the_backbones_and_the_head_stays_float32(batch):
+    """No flag of R_phi's own: ``trainer.precision: bf16-mixed`` runs the backbone under bf16 autocast (Lightning's
+    precision plugin), while pooling and the head compute in float32; ``32-true`` runs all in float32."""
+    seen = {}
+    for precision in ("bf16-mixed", "32-true"):
+        module = RewardModule(backbone="tiny", lr=1e-3, warmup_steps=0, head_dropout=0.0)
+        dtypes = seen.setdefault(precision, {})
+
+        def backbone_hook(mod, args, out, dtypes=dtypes) -> None:
+            dtypes.setdefault("backbone", out.dtype)
+
+        def head_hook(mod, args, out, dtypes=dtypes) -> None:
+            dtypes.setdefault("head", (args[0].dtype, out.dtype))
+
+        linear = next(m for m in module.backbone.modules() if isinstance(m, torch.nn.Linear))  # a projection
+        linear.register_forward_hook(backbone_hook)
+        module.head.register_forward_hook(head_hook)
+        fit(module, steps=1, precision=precision)
+    assert seen["bf16-mixed"] == {"backbone": torch.bfloat16, "head": (torch.float32, torch.float32)}
+    assert seen["32-true"] == {"backbone": torch.float32, "head": (torch.float32, torch.float32)}
+
+
+def test_a_checkpoint_written_with_the_old_bf16_flag_still_loads(batch, tmp_path):
+    module = RewardModule(backbone="tiny", lr=1e-3, warmup_steps=0)
+    trainer = fit(module, steps=1, tmp_path=tmp_path)
+    ckpt = tmp_path / "reward.ckpt"
+    trainer.save_checkpoint(ckpt)
+    old = torch.load(ckpt, weights_only=True)
+    old["hyper_parameters"]["bf16"] = False  # an argument R_phi had before trainer.precision decided
+    torch.save(old, ckpt)
+    assert torch.equal(RewardModule.load(ckpt).score(batch), module.score(batch))
+
+
 def test_score_reads_signal_batches_turns_or_strings(batch):
     module = RewardModule(backbone="tiny")
     b = len(batch.reply)

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -134,8 +135,14 @@ def test_build_environment_picks_the_dataset_default_or_a_named_simulator():
     auto = build_environment(corpus, max_turns=2, seed=3)
     assert isinstance(auto.simulator, PersonaSimulator)
     assert (auto.max_turns, auto.seed) == (2, 3) and auto.linker is linker_for(corpus)  # one linker per catalogue
-    named = build_environment(corpus, "GroundedSimulator", {"leave_step": 0.5}, max_turns=1)
-    assert isinstance(named.simulator, GroundedSimulator) and named.simulator.leave_step == 0.5
+    named = build_environment(corpus, "GroundedSimulator", max_turns=1)  # a registered name, its defaults
+    assert isinstance(named.simulator, GroundedSimulator) and named.simulator.leave_step == 0.1
+    # a factory taking the catalogue: what a config's class_path + init_args become
+    built = build_environment(corpus, functools.partial(GroundedSimulator, leave_step=0.5), max_turns=1)
+    assert isinstance(built.simulator, GroundedSimulator) and built.simulator.leave_step == 0.5
+    assert built.simulator.items.keys() == set(corpus.catalogue["item_id"])
+    with pytest.raises(TypeError, match="not a UserSimulator"):
+        build_environment(corpus, lambda catalogue: object())
     with pytest.raises(ValueError, match="crslight.simulators"):
         build_environment(corpus, "NoSuchSimulator")
 
