@@ -94,7 +94,7 @@ def cpu_precision(precision, accelerator) -> object:
     ``CRSLIGHT_CPU_BF16=keep`` keeps it. Any other precision, or a run on a GPU, is unchanged."""
     import os
 
-    from crslight.metrics.encoder import native_bf16
+    from crslight.models.encoder import native_bf16
 
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
     if (str(precision).startswith("bf16") and on_cpu and not native_bf16("cpu")

@@ -47,7 +47,7 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def minilm():
     """The MiniLM sentence model, loaded once for the whole session (metrics and signals share it through the cache)."""
-    from crslight.metrics.encoder import load_sentence_model
+    from crslight.models.encoder import load_sentence_model
 
     return load_sentence_model("minilm")
 

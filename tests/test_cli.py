@@ -100,7 +100,7 @@ def test_checkpoint_arguments_retired_since_are_dropped_or_moved():
 def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch, capsys):
     import torch
 
-    import crslight.metrics.encoder as encoder
+    import crslight.models.encoder as encoder
     from crslight.lightning_cli import cpu_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -11,7 +11,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from crslight.metrics.encoder import SentenceEncoder
+from crslight.models.encoder import SentenceEncoder
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 

@@ -22,7 +22,7 @@ Cost: one forward pass per dialogue (every recommender turn read from it) plus o
 no forward pass at all while ``W`` is zero (a head fitted on the context alone, ``trains: context``).
 
 **The context's words.** A head built with ``text_turns > 0`` also reads the last ``text_turns`` turns of the dialogue
-as text: a sentence encoder (MiniLM by default, :mod:`crslight.metrics.encoder`) embeds them as ``t`` and each item
+as text: a sentence encoder (MiniLM by default, :mod:`crslight.models.encoder`) embeds them as ``t`` and each item
 has a vector ``v_i`` of the same size, initialised from the encoder's embedding of its title, so a title that the
 seeker's words resemble scores high before any training::
 
@@ -177,7 +177,7 @@ class ItemHead(nn.Module):
         vectors start as ``text_model``'s embeddings of the titles (years dropped) and their attribute words."""
         text_items = None
         if text_windows(text_turns):
-            from crslight.metrics.encoder import SentenceEncoder
+            from crslight.models.encoder import SentenceEncoder
 
             text_items = SentenceEncoder(text_model, cache_size=0).encode(item_texts(names, attributes))
         return cls(policy.config.hidden_size, *title_token_ids(tokenizer, names, attributes), links, text_items,
@@ -204,7 +204,7 @@ class ItemHead(nn.Module):
         if not self.reads_text:
             return None
         if self._encoder is None or self._encoder.model != self.text_model:
-            from crslight.metrics.encoder import SentenceEncoder
+            from crslight.models.encoder import SentenceEncoder
 
             self._encoder = SentenceEncoder(self.text_model)
         windows = text_windows(self.text_turns.tolist())

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from crslight.metrics.encoder import SentenceEncoder
+from crslight.models.encoder import SentenceEncoder
 from crslight.schema import SEEKER
 from crslight.signals.base import SignalBatch, SignalExtractor
 

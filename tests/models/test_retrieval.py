@@ -155,7 +155,7 @@ def test_a_head_with_a_text_part_round_trips(tiny_tokenizer, tiny_lm):
 
 
 def test_several_windows_read_the_recent_request_and_the_older_turns_together(tiny_tokenizer, tiny_lm):
-    from crslight.metrics.encoder import SentenceEncoder
+    from crslight.models.encoder import SentenceEncoder
 
     head = _text_head(tiny_lm, tiny_tokenizer, turns=[1, 3])
     context = ["seeker: something about ghosts in an old castle", "recommender: hi",
