@@ -248,19 +248,51 @@ def test_reward_configs_instantiate(path, monkeypatch):
 
 
 def test_ablate_retrains_without_each_signal(monkeypatch):
-    from crslight.ablation import ablate
+    """The ablated variant trains on a label without the signal (its training targets differ from the full run's) and
+    is scored twice: on pairs of its own label and on pairs of the full label; each reported accuracy is the one of
+    its own evaluation."""
+    import crslight.ablation as ablation
 
+    fits, evaluations = [], []
+
+    class RecordingTrainer(Trainer):
+        def fit(self, model, datamodule=None, **kwargs):
+            super().fit(model, datamodule=datamodule, **kwargs)
+            label = datamodule.pairs.label
+            train = datamodule._data[datamodule.splits["fit"]]
+            fits.append({"signals": label.names, "weights": [float(w) for w in label.weights],
+                         "labels": torch.tensor([s.label for g in train.groups for s in g.samples if s.real])})
+
+    def recording_evaluate(trainer, model, datamodule, split):
+        metrics = evaluate(trainer, model, datamodule, split)
+        evaluations.append((datamodule.pairs.label.names, split, metrics["pairwise_accuracy"]))
+        return metrics
+
+    evaluate = ablation._evaluate
+    monkeypatch.setattr(ablation, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(ablation, "_evaluate", recording_evaluate)
     monkeypatch.chdir(REPO)
     small = ["--model.backbone=tiny", "--data.n_dialogues=30", "--data.n_items=40", "--data.batch_size=4"]
-    report = ablate(REPO / "configs/synthetic/reward.yaml", max_steps=2, signals=["AcceptanceSignal"],
-                    overrides=small)
-    assert report["signals"] == ["DwellTimeSignal", "SentimentShiftSignal", "EngagementSignal", "AcceptanceSignal"]
+    report = ablation.ablate(REPO / "configs/synthetic/reward.yaml", max_steps=2, signals=["AcceptanceSignal"],
+                             overrides=small)
+    names = ["DwellTimeSignal", "SentimentShiftSignal", "EngagementSignal", "AcceptanceSignal"]
+    assert report["signals"] == names
     assert set(report["results"]) == {"full", "-AcceptanceSignal"}
+    # what each variant trained on: the full label, then the label without acceptance, the other weights kept
+    full_fit, ablated_fit = fits
+    assert full_fit["signals"] == names and ablated_fit["signals"] == names[:3]
+    assert ablated_fit["weights"] == full_fit["weights"][:3]
+    assert full_fit["labels"].shape == ablated_fit["labels"].shape
+    assert not torch.allclose(full_fit["labels"], ablated_fit["labels"], equal_nan=True)
+    # what each variant was scored on: the full run once, the ablated run on its own label then on the full label
+    assert [(e[0], e[1]) for e in evaluations] == [(names, "valid"), (names[:3], "valid"), (names, "valid")]
     full, ablated = report["results"]["full"], report["results"]["-AcceptanceSignal"]
-    assert full["pairwise_accuracy"] == full["pairwise_accuracy_full_label"]
+    assert full["pairwise_accuracy"] == full["pairwise_accuracy_full_label"] == evaluations[0][2]
+    assert ablated["pairwise_accuracy"] == evaluations[1][2]
+    assert ablated["pairwise_accuracy_full_label"] == evaluations[2][2]
     assert all(0.0 <= row[k] <= 1.0 for row in (full, ablated) for k in ("pairwise_accuracy", "auc_liked"))
     with pytest.raises(ValueError, match="not in the config's label"):
-        ablate(REPO / "configs/synthetic/reward.yaml", max_steps=1, signals=["NoSuchSignal"], overrides=small)
+        ablation.ablate(REPO / "configs/synthetic/reward.yaml", max_steps=1, signals=["NoSuchSignal"], overrides=small)
 
 
 def test_read_items_scores_the_recommended_item_from_the_catalogue(tmp_path):
