@@ -1,5 +1,10 @@
 import json
 import math
+import os
+import subprocess
+import sys
+import zlib
+from collections import Counter
 
 import pytest
 
@@ -62,16 +67,34 @@ def test_published_catalogue_is_the_default_on_the_real_data(opendialkg_root):
 
 
 def test_split_is_a_hash_of_the_content():
-    assert split_of("abc") == split_of("abc")
-    buckets = [split_of(str(i)) for i in range(2000)]
-    assert 0.05 < buckets.count("test") / 2000 < 0.15
+    """``split_of`` is the CRC-32 of the cell modulo 10 (0: test, 1: valid): fixed values for known cells, the same in
+    processes with different string-hash seeds, 10 / 10 / 80 % over many cells."""
+    # zlib.crc32: b"hello" 907060870 -> 0, b"b" 1908338681 -> 1, b"3" 1842515611 -> 1, b"abc" 891568578 -> 8
+    assert [split_of(c) for c in ("hello", "b", "3", "abc", "[]")] == ["test", "valid", "valid", "train", "train"]
+    cells = [json.dumps([{"type": "chat", "sender": "user", "message": f"Do you know Dune {i}?"}]) for i in range(4000)]
+    expected = ["test" if zlib.crc32(c.encode()) % 10 == 0 else "valid" if zlib.crc32(c.encode()) % 10 == 1
+                else "train" for c in cells]
+    assert [split_of(c) for c in cells] == expected
+    code = "import sys; from crslight.data.opendialkg import split_of; print(' '.join(map(split_of, sys.argv[1:])))"
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code, *cells[:50]], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+        assert out == expected[:50]
+    counts = Counter(expected)
+    assert abs(counts["test"] / 4000 - 0.1) < 0.02 and abs(counts["valid"] / 4000 - 0.1) < 0.02
 
 
-def test_bad_json_names_row_and_field(opendialkg_root, tmp_path):
-    root = tmp_path / "o"
+def kg_files(root, entities: str = "Dune\nFrank Herbert\nHyperion\n"):
+    """A hand-made OpenDialKG folder without its dialogues: the entity, relation and triple files."""
     root.mkdir()
-    for name in ("opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"):
-        (root / name).symlink_to(opendialkg_root / name)
+    (root / "opendialkg_entities.txt").write_text(entities)
+    (root / "opendialkg_relations.txt").write_text("written_by\n")
+    (root / "opendialkg_triples.txt").write_text("Dune\twritten_by\tFrank Herbert\n")
+    return root
+
+
+def test_bad_json_names_row_and_field(tmp_path):
+    root = kg_files(tmp_path / "o")
     (root / "opendialkg.csv").write_text(
         'Messages,User Rating,Assistant Rating\n"[]",{},{}\n"[{""type"": ""chat""",{},{}\n'
     )
@@ -82,22 +105,16 @@ def test_bad_json_names_row_and_field(opendialkg_root, tmp_path):
 
 
 @pytest.mark.parametrize("rating", ['"99"', '"-7"', '"NaN"', '"four"'])
-def test_a_rating_outside_1_to_5_names_row_and_field(opendialkg_root, tmp_path, rating):
-    root = tmp_path / "o"
-    root.mkdir()
-    for name in ("opendialkg_entities.txt", "opendialkg_relations.txt", "opendialkg_triples.txt"):
-        (root / name).symlink_to(opendialkg_root / name)
+def test_a_rating_outside_1_to_5_names_row_and_field(tmp_path, rating):
+    root = kg_files(tmp_path / "o")
     cell = '"{""dialog_rating"": ' + rating.replace('"', '""') + '}"'
     (root / "opendialkg.csv").write_text(f'Messages,User Rating,Assistant Rating\n"[]",{{}},{{}}\n"[]",{cell},{{}}\n')
     with pytest.raises(DataError, match=r"line 2, field 'User Rating\.dialog_rating': expected a rating from 1 to 5"):
         load_corpus("opendialkg", root, "train")
 
 
-def test_empty_or_non_utf8_files_name_the_file(opendialkg_root, tmp_path):
-    root = tmp_path / "o"
-    root.mkdir()
-    for name in ("opendialkg_relations.txt", "opendialkg_triples.txt"):
-        (root / name).symlink_to(opendialkg_root / name)
+def test_empty_or_non_utf8_files_name_the_file(tmp_path):
+    root = kg_files(tmp_path / "o")
     (root / "opendialkg_entities.txt").write_bytes(b"Heat\nAmerican Beauty \xff\n")
     (root / "opendialkg.csv").write_text("Messages,User Rating,Assistant Rating\n")
     with pytest.raises(DataError, match=r"opendialkg_entities\.txt, line 2: not UTF-8 text: byte 0xff at column 17"):
