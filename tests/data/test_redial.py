@@ -66,19 +66,22 @@ def test_valid_split_is_deterministic_and_disjoint(redial_root):
     assert again.dialogues["dialogue_id"] == valid.dialogues["dialogue_id"]
 
 
-def copy_layout(src, dst, edit_line=None, line_no=2):
+def make_layout(dst, edit_line=None, line_no=2):
+    """A hand-made ReDial folder: five train dialogues (ids 1-5), four test dialogues (ids 6-9), a three-movie
+    catalogue; ``edit_line`` rewrites train line ``line_no``."""
     dst.mkdir()
-    for name in ("test_data.jsonl", "movies_with_mentions.csv"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    lines = (src / "train_data.jsonl").read_text().splitlines()[:5]
+    movies = "movieId,movieName,nbMentions\n111,Heat (1995),12\n222,Up (2009),7\n333,Alien (1979),3\n"
+    (dst / "movies_with_mentions.csv").write_text(movies)
+    (dst / "test_data.jsonl").write_text("".join(json.dumps(record(conversationId=str(i))) + "\n" for i in range(6, 10)))
+    lines = [json.dumps(record(conversationId=str(i))) for i in range(1, 6)]
     if edit_line is not None:
         lines[line_no - 1] = edit_line(lines[line_no - 1])
     (dst / "train_data.jsonl").write_text("\n".join(lines) + "\n")
     return dst
 
 
-def test_truncated_line_names_file_and_line(redial_root, tmp_path):
-    root = copy_layout(redial_root, tmp_path / "r", edit_line=lambda s: s[: len(s) // 2])
+def test_truncated_line_names_file_and_line(tmp_path):
+    root = make_layout(tmp_path / "r", edit_line=lambda s: s[: len(s) // 2])
     with pytest.raises(DataError, match=r"train_data\.jsonl, line 2: not valid JSON"):
         load_corpus("redial", root, "train")
     # nothing was half-written to the cache: the same folder fails again the same way
@@ -90,29 +93,29 @@ def test_truncated_line_names_file_and_line(redial_root, tmp_path):
     assert len(corpus.dialogues) + len(load_corpus("redial", root, "valid", skip_bad_rows=True).dialogues) == 4
 
 
-def test_wrong_type_names_the_field(redial_root, tmp_path):
+def test_wrong_type_names_the_field(tmp_path):
     def bad(line):
         raw = json.loads(line)
         raw["messages"][1]["timeOffset"] = "soon"
         return json.dumps(raw)
 
-    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad, line_no=3)
+    root = make_layout(tmp_path / "r", edit_line=bad, line_no=3)
     with pytest.raises(DataError, match=r"line 3, field 'messages\[1\]\.timeOffset': expected a number"):
         load_corpus("redial", root, "train")
 
 
-def test_bad_questionnaire_value(redial_root, tmp_path):
+def test_bad_questionnaire_value(tmp_path):
     def bad(line):
         raw = json.loads(line)
         raw["initiatorQuestions"] = {"1": {"suggested": 1, "seen": 7, "liked": 1}}
         return json.dumps(raw)
 
-    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad, line_no=1)
+    root = make_layout(tmp_path / "r", edit_line=bad, line_no=1)
     with pytest.raises(DataError, match=r"line 1, field 'initiatorQuestions\.1\.seen': expected 0, 1 or 2"):
         load_corpus("redial", root, "train")
 
 
-def test_missing_file_lists_expected(redial_root, tmp_path):
+def test_missing_file_lists_expected(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
     (root / "test_data.jsonl").write_text("")
@@ -146,33 +149,33 @@ def _second_record_with(**fields):
     ],
     ids=["non-utf8", "deep-json", "empty-train", "empty-test", "header-only-catalogue", "non-utf8-catalogue"],
 )
-def test_unreadable_or_empty_files_name_the_file_and_line(redial_root, tmp_path, name, edit, expected):
-    root = copy_layout(redial_root, tmp_path / "r")
+def test_unreadable_or_empty_files_name_the_file_and_line(tmp_path, name, edit, expected):
+    root = make_layout(tmp_path / "r")
     _edit_file(root, name, edit)
     with pytest.raises(DataError, match=expected):
         load_corpus("redial", root, "train")
 
 
-def test_a_dialogue_twice_or_a_test_dialogue_in_train_is_an_error(redial_root, tmp_path):
-    first = json.loads((redial_root / "train_data.jsonl").read_text().splitlines()[0])["conversationId"]
-    root = copy_layout(redial_root, tmp_path / "r", edit_line=_second_record_with(conversationId=first))
+def test_a_dialogue_twice_or_a_test_dialogue_in_train_is_an_error(tmp_path):
+    first = "1"  # train line 1
+    root = make_layout(tmp_path / "r", edit_line=_second_record_with(conversationId=first))
     with pytest.raises(DataError, match=rf"train_data\.jsonl, line 2, field 'conversationId': '{first}' is already the "
                                         r"id of the dialogue at line 1 earlier in this file"):
         load_corpus("redial", root, "train")
-    test_id = json.loads((redial_root / "test_data.jsonl").read_text().splitlines()[3])["conversationId"]
-    root = copy_layout(redial_root, tmp_path / "leak", edit_line=_second_record_with(conversationId=test_id))
+    test_id = "9"  # test line 4
+    root = make_layout(tmp_path / "leak", edit_line=_second_record_with(conversationId=test_id))
     with pytest.raises(DataError, match=rf"test_data\.jsonl, line 4, field 'conversationId': '{test_id}' is already "
                                         r"the id of the dialogue at line 2 in .*train_data\.jsonl"):
         load_corpus("redial", root, "train")
 
 
 @pytest.mark.parametrize("offset", [float("nan"), float("inf"), -3])
-def test_a_time_offset_must_be_finite_and_not_negative(redial_root, tmp_path, offset):
+def test_a_time_offset_must_be_finite_and_not_negative(tmp_path, offset):
     def bad(line):
         raw = json.loads(line)
         raw["messages"][1]["timeOffset"] = offset
         return json.dumps(raw)
 
-    root = copy_layout(redial_root, tmp_path / "r", edit_line=bad)
+    root = make_layout(tmp_path / "r", edit_line=bad)
     with pytest.raises(DataError, match=r"line 2, field 'messages\[1\]\.timeOffset': expected a finite number"):
         load_corpus("redial", root, "train")
