@@ -1,5 +1,3 @@
-import time
-
 import pytest
 
 from crslight.simulator.linker import ItemLinker, normalise, split_name
@@ -78,17 +76,16 @@ def test_longest_and_dated_titles_win_overlaps():
     assert linker.link("Do you like the Star Wars movies?") == ["b"]
 
 
-def test_real_redial_test_split_precision_recall_and_speed(redial_root):
+def test_real_redial_test_split_precision_recall(redial_root):
+    """Every recommender turn of the real ReDial test split, linked against its catalogue (the time it takes is
+    measured by ``benchmarks/simulator_stats.py``)."""
     from crslight.data import load_corpus
 
     corpus = load_corpus("redial", redial_root, "test")
     linker = ItemLinker.from_catalogue(corpus.catalogue)
     turns = [t for ts in corpus.dialogues["turns"] for t in ts if t["role"] == "recommender"]
-    start = time.perf_counter()
     predicted = linker.link_batch([t["text"] for t in turns])
-    elapsed = time.perf_counter() - start
     tp = sum(len(set(p) & set(t["items"])) for p, t in zip(predicted, turns, strict=True))
     precision = tp / sum(len(set(p)) for p in predicted)
     recall = tp / sum(len(set(t["items"])) for t in turns)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
-    assert elapsed < 20, elapsed  # ~2 s on a laptop core; generous for loaded CI machines
