@@ -7,6 +7,12 @@ after the first ``--warmup`` steps, and the ratio default / kept.
 
     python benchmarks/heap.py                                  # SmolLM2-135M, 4 x 200 tokens, 8 steps
     python benchmarks/heap.py --model tiny --steps 3 --warmup 1
+
+``--trim`` measures :func:`crslight.models.memory.release_heap` instead: 400 one-MiB blocks on glibc's heap, every
+other one freed, leave about 200 MiB of holes that stay resident; it prints the RSS the holes hold (the baseline,
+measured first in the same process) and how much of it one ``release_heap`` hands back.
+
+    python benchmarks/heap.py --trim
 """
 
 from __future__ import annotations
@@ -48,6 +54,36 @@ def child(model_name: str, batch: int, tokens: int, steps: int) -> dict:
     return {"kept": kept, "seconds": times, "faults": faults, "kernel_seconds": kernel, "peak_rss_mib": peak}
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trim() -> int:
+    """RSS handed back by one ``release_heap`` over a heap of holes, against the RSS the holes hold."""
+    import torch
+
+    from crslight.models.memory import release_heap
+
+    big = torch.empty(16 * 2**20, dtype=torch.uint8)
+    del big  # an mmapped block freed: glibc raises its mmap threshold to 16 MiB, so 1 MiB blocks come from the heap
+    start = rss_mib()
+    blocks = [torch.ones(2**18) for _ in range(400)]  # 400 x 1 MiB, touched
+    filled = rss_mib()
+    del blocks[::2]  # holes in the middle of the heap: free, but still resident
+    holes = rss_mib()
+    if not release_heap():
+        print("release_heap did nothing: the C library is not glibc")
+        return 1
+    after = rss_mib()
+    assert all(float(b[0]) == 1.0 for b in blocks)
+    freed = (filled - start) / 2  # the baseline: what the freed blocks held
+    print(f"400 blocks: {filled - start:.0f} MiB RSS; every other one freed ({freed:.0f} MiB): "
+          f"{filled - holes:.0f} MiB went back by free alone")
+    print(f"release_heap: {holes - after:.0f} MiB handed back, {(holes - after) / freed:.2f}x the freed blocks")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, a transformers folder, or tiny")
@@ -55,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--trim", action="store_true", help="measure release_heap's RSS drop instead")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.trim:
+        return trim()
     if args.child:
         print(json.dumps(child(args.model, args.batch, args.tokens, args.steps)))
         return 0
