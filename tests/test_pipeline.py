@@ -101,6 +101,26 @@ def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_p
     ppo_config = yaml.safe_load((out / "ppo" / "version_0" / "config.yaml").read_text())
     assert ppo_config["model"]["init_args"]["init_from"] == report["checkpoints"]["sft"]
     assert ppo_config["model"]["init_args"]["reward_model"] == report["checkpoints"]["reward"]
+    # the rlhf column is the PPO policy's own test: run on the PPO checkpoint, its metrics are test_rlhf's
+    for policy, stage in (("sft", "sft"), ("rlhf", "ppo")):
+        test_config = yaml.safe_load((out / folders[policy] / "config.yaml").read_text())
+        assert test_config["ckpt_path"] == report["checkpoints"][stage], policy
+        assert Path(report["checkpoints"][stage]).is_relative_to(out / stage / "version_0"), policy
+        written = json.loads((out / folders[policy] / "test_metrics.json").read_text())
+        assert report["results"][policy] == {k.removeprefix("test/"): v for k, v in written.items()}, policy
+    # it replied otherwise than SFT on the same users (seeded: PPO moved the tiny policy), and its paired differences
+    # from SFT are computed from the two tests' episode records
+    rlhf, sft = (sorted(records[p], key=lambda r: r["episode"]) for p in ("rlhf", "sft"))
+    assert [r["reward"] for r in rlhf] != [r["reward"] for r in sft]
+    differences = report["differences_vs_sft"]["rlhf"]
+    gaps = [a["satisfaction"] - b["satisfaction"] for a, b in zip(rlhf, sft, strict=True)]
+    assert differences["satisfaction"][0] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
+
+    def per_reply(rs):
+        return sum(r["reward"] * r["turns"] for r in rs) / sum(r["turns"] for r in rs)
+
+    assert differences["reward"][0] == pytest.approx(per_reply(rlhf) - per_reply(sft), abs=1e-6)
+    assert report["intervals"]["rlhf"]["reward"][0] == pytest.approx(per_reply(rlhf), abs=1e-6)
     # the base column is the policy before any training: its ranking differs from the SFT one
     assert report["results"]["base"]["item_coverage"] != report["results"]["sft"]["item_coverage"] or \
         report["results"]["base"]["mrr@10"] != report["results"]["sft"]["mrr@10"]
