@@ -28,7 +28,7 @@ from crslight.data.logs import split_by_hash
 from crslight.signals import AcceptanceSignal, DwellTimeSignal, coverage, transitions
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "logs"
+EXAMPLE = REPO / "docs" / "examples" / "logs"
 CATALOGUE = "id,title,genre\nm1,Alpha,comedy\nm2,Beta,drama\nm3,Gamma,horror\n"
 
 
@@ -81,10 +81,10 @@ def test_the_shipped_example_maps_onto_the_canonical_schema():
 
 def test_the_documented_commands_work_from_the_repository_root(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    assert main(["data", "validate", "--dataset", "logs", "--root", "examples/logs"]) == 0
+    assert main(["data", "validate", "--dataset", "logs", "--root", "docs/examples/logs"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "usable" and json.loads(out[-2])["usable_conversations"] == 4
-    assert main(["data", "stats", "--dataset", "logs", "--root", "examples/logs", "--split", "valid"]) == 0
+    assert main(["data", "stats", "--dataset", "logs", "--root", "docs/examples/logs", "--split", "valid"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["dialogues"] == 1 and stats["timed_turns"] == 0 and stats["split_rule"] == "split field (4)"
 
@@ -211,8 +211,8 @@ def test_the_logs_datamodule_reads_a_folder(tiny_tokenizer):
 def test_a_config_names_the_logs_datamodule(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", "configs/synthetic/sft.yaml", "--data", "Logs", "--data.root", "examples/logs",
+        main(["fit", "-c", "configs/synthetic/sft.yaml", "--data", "Logs", "--data.root", "docs/examples/logs",
               "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: crslight.data.datamodules.Logs" in printed and "root: examples/logs" in printed
+    assert "class_path: crslight.data.datamodules.Logs" in printed and "root: docs/examples/logs" in printed
