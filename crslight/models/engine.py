@@ -33,10 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaModel
 
 from crslight.data.tokenize import ITEM_TOKEN, title_text
+from crslight.models.decoder import LeanLlama, lean_decoder
 from crslight.models.heads import position_ids_from_attention_mask
 from crslight.models.retrieval import ItemHead, decoder_of
 from crslight.schema import context_lines
@@ -109,12 +111,14 @@ class Engine:
         greedy_items: take the best item instead of sampling one.
         item_alternatives: at each sampled recommendation, draw this many more items (with replacement) from the same
             distribution and record them (:attr:`Generation.alternatives`); the reply names the first draw only.
+        lean: decode a Llama body with the lean forward pass (:mod:`crslight.models.decoder`); False, or another
+            architecture: the Hugging Face body with its dynamic cache.
     """
 
     def __init__(self, model: nn.Module, tokenizer, item_head: ItemHead | None = None,
                  item_names: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 1.0,
                  top_k: int = 0, item_temperature: float = 1.0, greedy_items: bool = False,
-                 item_alternatives: int = 0):
+                 item_alternatives: int = 0, lean: bool = True):
         if item_head is not None and (item_names is None or len(item_names) != item_head.num_items):
             raise ValueError(f"the item head scores {item_head.num_items} items: item_names must name each of them")
         self.model, self.tokenizer, self.item_head = model, tokenizer, item_head
@@ -129,7 +133,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.item_names = list(item_names or [])
         self._titles: list[list[int]] | None = None
-        self._bf16: nn.Module | None = None
+        self.lean = lean
+        self._backend: _Backend | None = None
 
     def titles(self) -> list[list[int]]:
         """Per catalogue row, the token ids written after its slot (the title as in training)."""
@@ -138,18 +143,22 @@ class Engine:
             self._titles = [list(ids) for ids in encoded]
         return self._titles
 
-    def decoding_model(self) -> nn.Module:
-        """The model the loop runs: under bf16 autocast on a CPU, a bfloat16 copy of a float32 model, made once per
-        engine. Autocast casts frozen float32 weights again at every call (it caches only weights that require
-        gradients), which costs a one-token decoding step more than its arithmetic; the copy computes what autocast
-        would, in bfloat16 (norms and softmax included), without the casts."""
+    def decoding_dtype(self) -> torch.dtype:
+        """The dtype the loop computes in: bfloat16 under bf16 autocast on a CPU (the weights copied once per change,
+        instead of autocast casting frozen float32 weights again at every step), else the weights' own."""
         param = next(self.model.parameters())
         if (param.device.type == "cpu" and param.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-            if self._bf16 is None:
-                self._bf16 = copy.deepcopy(self.model).to(torch.bfloat16).eval()
-            return self._bf16
-        return self.model
+            return torch.bfloat16
+        return param.dtype
+
+    def backend(self) -> _Backend:
+        """The forward pass the loop runs: :class:`~crslight.models.decoder.LeanLlama` for a Llama body (made once per
+        engine; it re-reads the weights when they change), else the Hugging Face body (:class:`_HFBackend`)."""
+        if self._backend is None:
+            lean = lean_decoder(self.model) if self.lean else None
+            self._backend = _LeanBackend(lean) if lean is not None else _HFBackend(self.model)
+        return self._backend
 
     def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.temperature <= 0:
@@ -160,11 +169,10 @@ class Engine:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
-    def _draw_items(self, hidden: torch.Tensor, previous: torch.Tensor, generator: torch.Generator | None,
-                    text: torch.Tensor | None = None) -> list[list[int]]:
+    def _draw_items(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, previous: torch.Tensor,
+                    generator: torch.Generator | None, text: torch.Tensor | None = None) -> list[list[int]]:
         """Per row, the item drawn, then ``item_alternatives`` more from the same distribution."""
-        logp = self.item_head.log_probs(hidden, self.decoding_model().get_output_embeddings().weight, previous,
-                                        self.item_temperature, text)
+        logp = self.item_head.log_probs(hidden, output_embeddings, previous, self.item_temperature, text)
         if self.greedy_items:
             return logp.argmax(-1)[:, None].tolist()
         return torch.multinomial(logp.exp(), 1 + self.item_alternatives, replacement=True,
@@ -201,19 +209,16 @@ class Engine:
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        model = self.decoding_model()
-        body, head = decoder_of(model), model.get_output_embeddings()
-        cache = DynamicCache()
-        step = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
-                    use_cache=True, **{_CACHE_KWARG: cache})
-        hidden = step.last_hidden_state[:, -1]
+        backend, dtype = self.backend(), self.decoding_dtype()
+        hidden = backend.prefill(ids, mask, self.max_new_tokens, dtype)
+        output_embeddings = backend.output_embeddings(dtype)
         active = list(range(b))  # the batch rows still decoding, in cache order
         queue: list[list[int]] = [[] for _ in range(b)]
         budget = [self.max_new_tokens] * b
         last = [p[-1] for p in prompts]  # a prompt that ends with the slot token starts with a recommendation
         positions = mask.sum(1) - 1
         while active:
-            logits = head(hidden)
+            logits = F.linear(hidden, output_embeddings)
             chosen = self._sample(logits, generator).tolist()
             drawing = [k for k, i in enumerate(active) if last[i] == self.slot_id and self.slot_id is not None]
             if drawing:
@@ -221,7 +226,7 @@ class Engine:
                 rows = [active[k] for k in drawing]
                 previous = torch.nn.utils.rnn.pad_sequence([torch.tensor(mentioned[i] or [-1]) for i in rows],
                                                            batch_first=True, padding_value=-1).to(device)
-                draws = self._draw_items(hidden[index], previous, generator,
+                draws = self._draw_items(hidden[index], output_embeddings, previous, generator,
                                          None if text is None else text[rows].to(device))
                 for i, (item, *alternatives) in zip(rows, draws, strict=True):
                     out[i].slots.append((len(out[i].tokens) - 1, item))
@@ -248,20 +253,91 @@ class Engine:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
+                backend.select(index)
                 mask, positions = mask[index], positions[index]
                 active = [active[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             positions = positions + 1
-            step = body(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=mask,
-                        position_ids=positions[:, None], use_cache=True, **{_CACHE_KWARG: cache})
-            hidden = step.last_hidden_state[:, -1]
+            hidden = backend.step(torch.tensor(next_tokens, device=device)[:, None], mask, positions[:, None], dtype)
         return out
 
     def decode(self, generation: Generation | list[int]) -> str:
         """The reply's text (special tokens, the slot among them, left out) of a generation or of token ids."""
         tokens = generation.tokens if isinstance(generation, Generation) else generation
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+class _Backend:
+    """The forward pass under the decoding loop: prefill the prompts, then one token per row and step."""
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """Left-padded ``(b, t)`` prompts → each row's last hidden state ``(b, h)``; starts a fresh cache."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+        """``(b, 1)`` next tokens (``mask``: every column so far, theirs included) → ``(b, h)`` hidden states."""
+        raise NotImplementedError
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps the cache rows ``rows``."""
+        raise NotImplementedError
+
+    def output_embeddings(self, dtype: torch.dtype) -> torch.Tensor:
+        """The LM head's weight ``(vocab, h)`` as the loop multiplies it (logits, and the item scores' title table)."""
+        raise NotImplementedError
+
+
+class _LeanBackend(_Backend):
+    def __init__(self, lean: LeanLlama):
+        self.lean, self.cache = lean, None
+
+    def prefill(self, ids, mask, new_tokens, dtype):
+        self.cache = self.lean.new_cache(len(ids), ids.shape[1] + new_tokens + 16, dtype, ids.device)
+        hidden = self.lean.forward(ids, position_ids_from_attention_mask(mask), mask.bool(), self.cache, dtype)
+        return hidden[:, -1]
+
+    def step(self, tokens, mask, positions, dtype):
+        return self.lean.forward(tokens, positions, mask.bool(), self.cache, dtype)[:, -1]
+
+    def select(self, rows):
+        self.cache.select(rows)
+
+    def output_embeddings(self, dtype):
+        return self.lean.output_weight(dtype)
+
+
+class _HFBackend(_Backend):
+    """Any transformers body with its dynamic cache (under bf16 autocast on a CPU: a bfloat16 copy of the model,
+    made once)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.cache, self._copy = model, None, None
+
+    def _model(self, dtype):
+        if dtype == next(self.model.parameters()).dtype:
+            return self.model
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.model).to(dtype).eval()
+        return self._copy
+
+    def prefill(self, ids, mask, new_tokens, dtype):
+        self.cache = DynamicCache()
+        self._body = decoder_of(self._model(dtype))
+        step = self._body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
+                          use_cache=True, **{_CACHE_KWARG: self.cache})
+        return step.last_hidden_state[:, -1]
+
+    def step(self, tokens, mask, positions, dtype):
+        step = self._body(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{_CACHE_KWARG: self.cache})
+        return step.last_hidden_state[:, -1]
+
+    def select(self, rows):
+        self.cache.batch_select_indices(rows)
+
+    def output_embeddings(self, dtype):
+        return self._model(dtype).get_output_embeddings().weight
 
 
 def item_rows_of(context: list[dict], item_index: dict[str, int]) -> list[int]:

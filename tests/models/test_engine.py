@@ -160,3 +160,65 @@ def test_items_drawn_by_scores_with_a_text_part_follow_the_contexts_words(tiny_l
     assert torch.equal(samples.select([2, 0]).slot_text, text[[0, 2]])  # slots keep row order within select
     with pytest.raises(ValueError, match="pass contexts"):
         engine.generate(list(prompts))
+
+
+def test_lean_forward_equals_the_llama_body_on_left_padded_prompts_and_cached_steps(tiny_lm):
+    from transformers import DynamicCache
+
+    from crslight.models.decoder import lean_decoder
+    from crslight.models.heads import position_ids_from_attention_mask
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    body, lean = decoder_of(tiny_lm), lean_decoder(tiny_lm)
+    cache, kv = DynamicCache(), lean.new_cache(3, 8, torch.float32, "cpu")  # 8 columns: it must grow
+    with torch.no_grad():
+        theirs = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
+                      use_cache=True, past_key_values=cache).last_hidden_state
+        ours = lean.forward(ids, position_ids_from_attention_mask(mask), mask.bool(), kv, torch.float32)
+        torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=1e-5)
+        positions = mask.sum(1) - 1
+        for _ in range(4):
+            token = torch.randint(0, 1000, (3, 1))
+            mask, positions = torch.cat([mask, mask.new_ones(3, 1)], 1), positions + 1
+            theirs = body(input_ids=token, attention_mask=mask, position_ids=positions[:, None], use_cache=True,
+                          past_key_values=cache).last_hidden_state
+            torch.testing.assert_close(lean.forward(token, positions[:, None], mask.bool(), kv, torch.float32),
+                                       theirs, atol=1e-5, rtol=1e-5)
+    assert kv.length == 11 and kv.keys.shape[3] >= 11
+
+
+def test_lean_decoding_reads_lora_and_trained_token_rows_and_follows_weight_updates(tiny_tokenizer):
+    from crslight.data.tokenize import ITEM_TOKEN
+    from crslight.models.loading import tiny_causal_lm
+    from crslight.models.lora import apply_lora
+
+    slot = tiny_tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
+    model = apply_lora(tiny_causal_lm(tiny_tokenizer, seed=1), r=4, alpha=8, dropout=0.0,
+                       trainable_tokens=[slot]).eval()
+    prompts = _prompts(tiny_tokenizer)
+    lean, plain = (Engine(model, tiny_tokenizer, max_new_tokens=8, temperature=0, lean=x) for x in (True, False))
+    for _ in range(2):
+        with torch.no_grad():  # an update: the adapters and the slot token's trained row move
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn_like(p))
+        assert [g.tokens for g in lean.generate(prompts)] == [g.tokens for g in plain.generate(prompts)]
+    # the slot token's row is the trained one: its logit equals the model's own
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]])
+        theirs = model(input_ids=ids).logits[0, -1, slot]
+        hidden = decoder_of(model)(input_ids=ids).last_hidden_state[0, -1]
+    torch.testing.assert_close(hidden @ lean.backend().output_embeddings(torch.float32)[slot], theirs)
+
+
+def test_lean_and_hugging_face_backends_sample_the_same_tokens_for_the_same_seed(tiny_lm, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    runs = []
+    for lean in (True, False):
+        engine = Engine(tiny_lm, tiny_tokenizer, max_new_tokens=12, temperature=1.0, top_k=50, lean=lean)
+        runs.append([g.tokens for g in engine.generate(prompts, generator=torch.Generator().manual_seed(3))])
+    assert runs[0] == runs[1]
