@@ -3,8 +3,10 @@
 Both sample ``--new-tokens`` tokens for each of ``--batch`` chat prompts (temperature 1, no top-k / top-p, the
 end-of-turn token ignored so that every row decodes exactly as many tokens), with the KV cache, in one process, in
 each precision: float32, and bf16 autocast (float32 weights, as ``trainer.precision: bf16-mixed`` runs them; the
-engine then decodes with a bfloat16 copy of the weights, ``Engine.decoding_model``). Each timing is the best of
-``--repeats`` runs after one warm-up. Prints tokens/s and the engine's speed-up, and with ``--out`` writes them as JSON.
+engine then decodes in bfloat16 without per-step casts). Three samplers: ``generate``, the engine on the Hugging
+Face body (``lean=False``) and the engine's lean forward (``crslight.models.decoder``, the default for Llama bodies);
+and the arithmetic floor: the same steps' matmuls alone. Each timing is the best of ``--repeats`` runs after one
+warm-up. Prints tokens/s and the engine's speed-up, and with ``--out`` writes them as JSON.
 
     python benchmarks/decoding.py                      # SmolLM2-135M-Instruct, 8 x 32 tokens
     python benchmarks/decoding.py --model tiny --batch 4 --new-tokens 8 --repeats 1
@@ -53,17 +55,40 @@ def time_generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return elapsed
 
 
-def time_engine(model, tokenizer, prompts, new_tokens: int) -> float:
+def time_engine(model, tokenizer, prompts, new_tokens: int, lean: bool = True) -> float:
     from crslight.models.engine import Engine
 
-    engine = Engine(model, tokenizer, max_new_tokens=new_tokens, temperature=1.0)
-    engine.eos = set()  # as generate above: every row decodes new_tokens tokens
-    engine.decoding_model()  # the bf16 copy, once per engine (a PPO rollout or a test makes it once)
+    engine = _engines.get((id(model), lean, torch.is_autocast_enabled("cpu")))
+    if engine is None:  # one engine per setting, as a PPO rollout or a test keeps one: its weights are read once
+        engine = Engine(model, tokenizer, max_new_tokens=new_tokens, temperature=1.0, lean=lean)
+        engine.eos = set()  # as generate above: every row decodes new_tokens tokens
+        _engines[(id(model), lean, torch.is_autocast_enabled("cpu"))] = engine
     start = time.perf_counter()
     generations = engine.generate(prompts)
     elapsed = time.perf_counter() - start
     assert all(len(g.tokens) == new_tokens for g in generations)
     return elapsed
+
+
+_engines: dict = {}
+
+
+def time_matmuls(model, batch: int, new_tokens: int, dtype: torch.dtype) -> float:
+    """The arithmetic floor of decoding: the matmuls of ``new_tokens`` one-token steps of ``batch`` rows alone (each
+    layer's fused projections and the LM head, the weights in ``dtype``), nothing else."""
+    from crslight.models.decoder import lean_decoder
+
+    weights = lean_decoder(model).weights(dtype)
+    x = torch.randn(batch, model.config.hidden_size, dtype=dtype)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            for _, qkv, o, _, gate_up, down in weights["layers"]:
+                torch.nn.functional.linear(x, qkv)
+                torch.nn.functional.linear(x, o)
+                torch.nn.functional.linear(torch.nn.functional.linear(x, gate_up)[:, : down.shape[1]], down)
+            torch.nn.functional.linear(x, weights["embed"])
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,19 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = build(args.model)
     prompts = prompts_for(tokenizer, args.batch)
     results = {}
+    samplers = (("generate", time_generate),
+                ("engine_hf", lambda *a: time_engine(*a, lean=False)),
+                ("engine", lambda *a: time_engine(*a, lean=True)))
     for precision in ("float32", "bf16-autocast"):
         context = torch.autocast("cpu", dtype=torch.bfloat16) if precision != "float32" else contextlib.nullcontext()
         with context:
             row = {}
-            for name, fn in (("generate", time_generate), ("engine", time_engine)):
+            for name, fn in samplers:
                 fn(model, tokenizer, prompts, args.new_tokens)  # warm-up
                 best = min(fn(model, tokenizer, prompts, args.new_tokens) for _ in range(args.repeats))
                 seconds = max(round(best, 6), 1e-6)  # the rates below are computed from what is reported
                 row[name] = {"seconds": seconds, "tokens_per_s": round(args.batch * args.new_tokens / seconds, 1)}
             row["speedup"] = round(row["generate"]["seconds"] / row["engine"]["seconds"], 3)
+        dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        floor = min(time_matmuls(model, args.batch, args.new_tokens, dtype) for _ in range(args.repeats + 1))
+        row["matmul_floor"] = {"seconds": round(floor, 6),
+                               "tokens_per_s": round(args.batch * args.new_tokens / max(floor, 1e-6), 1)}
+        row["engine_of_floor"] = round(floor / row["engine"]["seconds"], 3)
         results[precision] = row
-        print(f"{precision}: generate {row['generate']['tokens_per_s']} tokens/s, engine "
-              f"{row['engine']['tokens_per_s']} tokens/s, engine / generate {row['speedup']}x", flush=True)
+        print(f"{precision}: generate {row['generate']['tokens_per_s']} tokens/s, engine on the Hugging Face body "
+              f"{row['engine_hf']['tokens_per_s']}, engine (lean) {row['engine']['tokens_per_s']}; engine / generate "
+              f"{row['speedup']}x; the step's matmuls alone {row['matmul_floor']['tokens_per_s']} tokens/s (the lean "
+              f"engine at {row['engine_of_floor']:.0%} of that)", flush=True)
     generate_fp32 = results["float32"]["generate"]["seconds"]
     fastest = min(r["engine"]["seconds"] for r in results.values())
     results["engine_best_vs_generate_float32"] = round(generate_fp32 / fastest, 2)

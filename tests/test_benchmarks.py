@@ -215,6 +215,9 @@ def test_decoding_benchmark_times_both_samplers(tmp_path):
         row = results[precision]
         assert row["speedup"] == pytest.approx(row["generate"]["seconds"] / row["engine"]["seconds"], rel=0.02)
         assert row["engine"]["tokens_per_s"] == pytest.approx(2 * 4 / row["engine"]["seconds"], rel=0.02)
+        assert row["engine_hf"]["tokens_per_s"] == pytest.approx(2 * 4 / row["engine_hf"]["seconds"], rel=0.02)
+        assert row["engine_of_floor"] == pytest.approx(row["matmul_floor"]["seconds"] / row["engine"]["seconds"],
+                                                       rel=0.02)
 
 
 def test_item_acceptance_checks_the_best_items_against_the_users_targets():

@@ -97,3 +97,43 @@ class SentenceEncoder:
     def dim(self) -> int:
         """The embedding size."""
         return load_sentence_model(self.model, self.device, self.dtype).get_sentence_embedding_dimension()
+
+
+class TextTower(torch.nn.Module):
+    """A sentence encoder of the item scores' own: a copy of ``model``'s weights that is fine-tuned on the training
+    split's contexts (:func:`crslight.models.retrieval.tune_text_encoder`) and saved with the item scores.
+
+    It reads each text's last ``max_length`` tokens (the latest words of a context matter most) and returns
+    L2-normalised mean-pooled embeddings, as the sentence-transformers model does.
+
+    Args:
+        model: the starting weights: ``"minilm"`` or a local sentence-transformers folder.
+        max_length: tokens read per text, from the end.
+    """
+
+    def __init__(self, model: str = "minilm", max_length: int = 128):
+        super().__init__()
+        import copy
+
+        self.st = copy.deepcopy(load_sentence_model(model, "cpu", "float32"))
+        self.tokenizer = self.st.tokenizer  # the copy's own
+        self.tokenizer.truncation_side = "left"
+        self.max_length = max_length
+        self.requires_grad_(False)  # trained only while it is tuned; read-only after
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """``(n, d)`` unit-norm embeddings; differentiable when the weights require gradients."""
+        device = next(self.parameters()).device
+        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                  return_tensors="pt")
+        features = {k: v.to(device) for k, v in features.items()}
+        return torch.nn.functional.normalize(self.st(features)["sentence_embedding"].float(), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """``(n, d)`` float32 embeddings, without gradients, in batches (CPU)."""
+        was_training = self.training
+        self.eval()
+        out = [self(texts[lo : lo + batch_size]).cpu() for lo in range(0, len(texts), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.st.get_sentence_embedding_dimension())

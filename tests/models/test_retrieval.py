@@ -179,3 +179,31 @@ def test_a_bad_text_window_is_refused_with_the_option_named(turns):
 
     with pytest.raises(ValueError, match="item_text_turns"):
         text_windows(turns)
+
+
+def test_a_tuned_text_encoder_learns_words_the_titles_lack_and_is_saved_with_the_head(tiny_tokenizer, tiny_lm):
+    from crslight.models.retrieval import SlotData, fit_item_scores
+
+    head = _text_head(tiny_lm, tiny_tokenizer, turns=1)
+    # words that none of the titles resemble, each standing for one show
+    words = ["my aunt Berta visits on sundays", "the printer jammed again", "tax season is here", "my knee hurts"]
+    planted = [2, 0, 3, 1]
+    contexts = [[f"seeker: {w}"] for w in words] * 4
+    target = torch.tensor(planted * 4)
+    hidden = torch.zeros(len(target), tiny_lm.config.hidden_size)
+    data = SlotData(hidden, target, torch.full((len(target), 1), -1), None, contexts)
+    table = tiny_lm.get_output_embeddings().weight
+    frozen = head.encode_contexts(contexts[:4])
+    torch.manual_seed(0)
+    fit = fit_item_scores(head, data, data, table, epochs=1, lr=5e-2, trains="context", tune_epochs=6,
+                          tune_lr=1e-4)
+    assert head.text_encoder is not None and not any(p.requires_grad for p in head.text_encoder.parameters())
+    assert fit["text_last_loss"] < fit["text_first_loss"]
+    tuned = head.encode_contexts(contexts[:4])
+    assert not torch.allclose(tuned, frozen)  # the contexts are read by the tuned copy, not the shared encoder
+    with torch.no_grad():
+        assert head(hidden[:4], table, None, tuned).argmax(-1).tolist() == planted
+    # the tuned weights travel in the head's state dict; a loaded head reads contexts as the tuned one does
+    again = ItemHead.from_state_dict(head.state_dict()).requires_grad_(True)
+    assert not any(p.requires_grad for p in again.text_encoder.parameters()) and again.text_scale.requires_grad
+    torch.testing.assert_close(again.encode_contexts(contexts[:4]), tuned)
