@@ -96,6 +96,7 @@ class ChatSession:
         self.max_context_tokens = max_context_tokens
         self.seed = seed
         self.stop_ids = stop_token_ids(tokenizer)
+        self._plain = None
         self.replies = 0
         self.turns: list[dict] = []
 
@@ -111,27 +112,17 @@ class ChatSession:
             self.replies += 1
             return self.policy([turns])[0]
         prompt = encode_prompt(self.tokenizer, turns, self.system_prompt, self.max_context_tokens)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([prompt], device=device)
-        sampling = (
-            {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-            if self.temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], enabled=self.seed is not None):
-            if self.seed is not None:
-                torch.manual_seed(self.seed + self.replies)
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=self.max_new_tokens,
-                use_cache=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.stop_ids,
-                **sampling,
-            )
+        if self._plain is None:  # the same engine without item scores: a plain sampler
+            from crslight.models.engine import Engine
+
+            self._plain = Engine(self.model, self.tokenizer, max_new_tokens=self.max_new_tokens,
+                                 temperature=self.temperature, top_p=self.top_p, stop_tokens=self.stop_ids)
+        generator = None
+        if self.seed is not None:
+            device = next(self.model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(self.seed + self.replies)
         self.replies += 1
-        return self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+        return self._plain.decode(self._plain.generate([prompt], generator=generator)[0])
 
     def send(self, text: str) -> dict:
         """Adds the seeker's ``text`` to the conversation and returns the recommender's reply as a schema turn (its

@@ -96,6 +96,22 @@ class Generation:
         return self.tokens[: offset + 1] + list(titles[row]) + self.tokens[end:]
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``(b, vocab)`` logits as sampling reads them, as ``generate``'s warpers leave them: float32, divided by the
+    temperature, then all but the ``top_k`` likeliest tokens (0: all) and the least likely tokens whose probability
+    mass stays within ``1 - top_p`` (the likeliest always stays) set to ``-inf``."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
 class Engine:
     """Decodes replies for a causal LM, drawing recommended items from its item head (see the module docstring).
 
@@ -107,6 +123,9 @@ class Engine:
         max_new_tokens: sampled tokens per reply at most.
         temperature: token sampling temperature; 0 decodes greedily.
         top_k: sample among the k most likely tokens (0: all).
+        top_p: then among the most likely tokens whose probabilities sum to ``top_p`` (1: all), as ``generate``'s
+            nucleus sampling.
+        stop_tokens: the tokens that end a reply (default: the tokenizer's end-of-turn/EOS token).
         item_temperature: temperature of the item draw.
         greedy_items: take the best item instead of sampling one.
         item_alternatives: at each sampled recommendation, draw this many more items (with replacement) from the same
@@ -118,7 +137,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, item_head: ItemHead | None = None,
                  item_names: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 1.0,
                  top_k: int = 0, item_temperature: float = 1.0, greedy_items: bool = False,
-                 item_alternatives: int = 0, lean: bool = True):
+                 item_alternatives: int = 0, lean: bool = True, top_p: float = 1.0,
+                 stop_tokens: list[int] | None = None):
         if item_head is not None and (item_names is None or len(item_names) != item_head.num_items):
             raise ValueError(f"the item head scores {item_head.num_items} items: item_names must name each of them")
         self.model, self.tokenizer, self.item_head = model, tokenizer, item_head
@@ -128,7 +148,10 @@ class Engine:
         slot = tokenizer.convert_tokens_to_ids(ITEM_TOKEN) if ITEM_TOKEN in tokenizer.get_vocab() else None
         vocab = model.get_input_embeddings().weight.shape[0]
         self.slot_id = slot if item_head is not None and slot is not None and slot < vocab else None
-        eos = tokenizer.eos_token_id
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = top_p
+        eos = tokenizer.eos_token_id if stop_tokens is None else list(stop_tokens)
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.item_names = list(item_names or [])
@@ -163,10 +186,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.temperature <= 0:
             return logits.argmax(-1)
-        logits = logits.float() / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = sampling_logits(logits, self.temperature, self.top_k, self.top_p)
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
     def _draw_items(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, previous: torch.Tensor,

@@ -1,9 +1,9 @@
 """Chat generation with any transformers causal LM, and the LM-backed user simulator.
 
 :func:`generate_chat` is shared by :class:`~crslight.simulator.policies.LMPolicy` (the model plays the recommender)
-and :class:`LMSimulator` (the model plays the seeker). It is plain transformers: the tokenizer's chat template,
-left padding so that every prompt ends where generation starts, one batched ``generate`` with the KV cache, and
-stopping at the end of the assistant's turn (the EOS token plus the end-of-turn tokens of the common templates:
+and :class:`LMSimulator` (the model plays the seeker): the tokenizer's chat template, then crslight's decoding engine
+(:mod:`crslight.models.engine`, the one every reply goes through) over the batch with its KV cache, stopping at the
+end of the assistant's turn (the EOS token plus the end-of-turn tokens of the common templates:
 ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``). A context longer than ``max_context_tokens`` loses
 its oldest turns, never the system prompt.
 
@@ -85,25 +85,19 @@ def generate_chat(
         top_p: nucleus sampling mass (1.0 turns it off).
         top_k: top-k sampling (0 turns it off).
         max_context_tokens: longest prompt; older turns are dropped to fit.
-        seed: seeds torch's generator for this call (the global state is restored afterwards).
+        seed: seeds this call's random generator (torch's global one is left alone); None: the global one.
     """
     if not conversations:
         return []
-    prompts = [_prompt(tokenizer, msgs, max_context_tokens) for msgs in conversations]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    from crslight.models.engine import Engine
+
+    prompts = [tokenizer(_prompt(tokenizer, msgs, max_context_tokens), add_special_tokens=False)["input_ids"]
+               for msgs in conversations]
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids(tokenizer), **sampling,
-        )
-    new = out[:, enc["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    engine = Engine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                    top_k=top_k, top_p=top_p if do_sample else 1.0, stop_tokens=stop_token_ids(tokenizer))
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    return [engine.decode(g) for g in engine.generate(prompts, generator=generator)]
 
 
 SEEKER_PROMPT = (

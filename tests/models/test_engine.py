@@ -222,3 +222,39 @@ def test_lean_and_hugging_face_backends_sample_the_same_tokens_for_the_same_seed
         engine = Engine(tiny_lm, tiny_tokenizer, max_new_tokens=12, temperature=1.0, top_k=50, lean=lean)
         runs.append([g.tokens for g in engine.generate(prompts, generator=torch.Generator().manual_seed(3))])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (50, 0.95), (7, 1.0), (0, 0.3)])
+def test_sampling_filters_tokens_as_generates_warpers_do(top_k, top_p):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from crslight.models.engine import sampling_logits
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+    theirs = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    if top_k:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    ours = sampling_logits(logits, 0.7, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_the_engine_is_the_only_place_that_decodes():
+    """Rollouts, evaluation, chat and the LM simulator all decode through the engine: no ``.generate(`` call on a
+    model anywhere else in the package."""
+    import ast
+    from pathlib import Path
+
+    import crslight
+
+    calls = []
+    for path in Path(crslight.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate":
+                receiver = ast.unparse(node.func.value)
+                # an engine, a chat session's own method, the synthetic scenario's dialogue generator
+                if not (receiver.endswith(("engine", "_plain", "synthetic")) or receiver == "self"):
+                    calls.append(f"{path.name}: {receiver}.generate")
+    assert calls == []
