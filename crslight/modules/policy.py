@@ -288,8 +288,11 @@ class PolicyModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         has_text = "item_head.text_items" in state
-        if "item_head.title_ids" in state and (self.item_head is None or self.item_head.reads_text != has_text):
-            # shaped like the checkpoint's head (a head built for the catalogue may lack its text part)
+        tuned = any(k.startswith("item_head.text_encoder.") for k in state)
+        if "item_head.title_ids" in state and (self.item_head is None or self.item_head.reads_text != has_text
+                                               or (self.item_head.text_encoder is not None) != tuned):
+            # shaped like the checkpoint's head (a head built for the catalogue may lack its text part or its tuned
+            # text encoder)
             self.item_head = ItemHead.from_state_dict(state, "item_head.", self.text_model).requires_grad_(
                 self.trains_item_head)
         elif self.item_head is not None and "item_head.link_index" in state:

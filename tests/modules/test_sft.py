@@ -153,15 +153,19 @@ def test_item_scores_fitted_on_the_context_alone(tiny_policy, monkeypatch):
                                 torch.zeros(5, 64), 1, 0.1, trains="bias")
 
 
-def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_policy, tmp_path):
-    """``item_text_turns``: the text part fits first, its weight is chosen on the validation split, ``crslight test``
-    ranks with it, and a PPO run started from the checkpoint gets the same scores (text part included)."""
+@pytest.mark.parametrize("tune", [0, 3])
+def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_policy, tmp_path, tune):
+    """``item_text_turns``: the text part fits first (with ``item_text_tune_epochs``, its encoder fine-tuned), its
+    weight is chosen on the validation split, ``crslight test`` ranks with it (from the checkpoint as well), and a PPO
+    run started from the checkpoint gets the same scores (text part and tuned encoder included)."""
     from crslight.modules.ppo import PPOModule
 
     seed_everything(0)
     dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=60, n_items=30, batch_size=2, max_length=512)
-    module = SFTModule(model=tiny_policy, lr=1e-3, ranking_loss_weight=0.5, item_head_epochs=5, item_head_lr=5e-2,
-                       item_links=5, item_head_fits="context", item_text_turns=2, item_text_epochs=20)
+    settings = dict(model=tiny_policy, lr=1e-3, ranking_loss_weight=0.5, item_head_epochs=5, item_head_lr=5e-2,
+                    item_links=5, item_head_fits="context", item_text_turns=2, item_text_epochs=20,
+                    item_text_tune_epochs=tune, item_text_tune_lr=1e-4)
+    module = SFTModule(**settings)
     trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, dm)
@@ -170,12 +174,19 @@ def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_p
     assert fit["held_out_samples"] == len(dm.corpus("valid").rec_samples)
     assert fit["held_out_recall"] >= fit["held_out_recall_without_text"]
     assert float(module.item_head.text_scale.detach()) == pytest.approx(0.0) or fit["text_weight"] > 0
+    assert (module.item_head.text_encoder is not None) == bool(tune)
     result = trainer.test(module, dm, verbose=False)[0]
     assert 0 < result["test/recall@50"] <= 1
     checkpoint = next(tmp_path.rglob("*.ckpt"))
+    # a fresh module with the same settings (a text part, no tuned encoder yet) tested from the checkpoint ranks alike
+    again = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path / "again", enable_progress_bar=False,
+                    enable_model_summary=False).test(SFTModule(**settings), dm, ckpt_path=str(checkpoint),
+                                                     verbose=False)[0]
+    assert again["test/recall@50"] == result["test/recall@50"] and again["test/mrr@50"] == result["test/mrr@50"]
     ppo = PPOModule(model=tiny_policy, init_from=str(checkpoint), signals=[], lora=True, lora_r=4)
     ppo.configure_model()
     assert ppo.item_head.reads_text and int(ppo.item_head.text_turns) == 2
+    assert (ppo.item_head.text_encoder is not None) == bool(tune)
     for name, value in module.item_head.state_dict().items():
         assert torch.equal(ppo.item_head.state_dict()[name], value), name
 
