@@ -179,13 +179,27 @@ class LeanLlama:
             k = k * cos + _rotate_half(k) * sin
             cache.keys[i, :, :, start:end] = k
             cache.values[i, :, :, start:end] = v
-            attn = F.scaled_dot_product_attention(q, cache.keys[i, :, :, :end], cache.values[i, :, :, :end],
-                                                  attn_mask=mask, enable_gqa=hq != hk)
+            attn = _attention(q, cache.keys[i, :, :, :end], cache.values[i, :, :, :end], mask)
             x = x + F.linear(attn.transpose(1, 2).reshape(b, s, hq * d), o)
             gate, up = F.linear(self._norm(x, ln2), gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, down)
         cache.length = end
         return self._norm(x, w["norm"])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / √d + mask) v`` with grouped-query heads: ``q`` ``(b, hq, s, d)``, ``k``/``v`` ``(b, hk, t, d)``,
+    ``mask`` ``(b, 1, s, t)`` bool. One new token (``s == 1``) takes two batched matmuls over the query groups (the
+    fused CPU kernel costs several times that for one query row); a prompt takes the fused kernel."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    if s > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hk)
+    group = q.view(b, hk, hq // hk, d)  # the query heads that share each key/value head
+    scores = torch.matmul(group, k.transpose(2, 3)).float() * d**-0.5  # (b, hk, group, t)
+    scores = scores.masked_fill(~mask[:, :, 0, None, :].expand(b, 1, 1, -1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (b, hk, group, d)
+    return out.view(b, hq, 1, d)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,15 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     return logits
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``(b, n)`` probabilities, by inverting the cumulative distribution at a uniform draw: the
+    distribution ``torch.multinomial`` samples, for one uniform number a row (``multinomial`` draws an exponential
+    number per entry: 6 ms a step over SmolLM2's 49,152 tokens and 8 rows, a sixth of a decoding step on a CPU)."""
+    cdf = probs.float().cumsum(-1)  # a token of probability 0 adds nothing: its interval is empty, never drawn
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+
+
 class Engine:
     """Decodes replies for a causal LM, drawing recommended items from its item head (see the module docstring).
 
@@ -186,8 +195,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.temperature <= 0:
             return logits.argmax(-1)
-        logits = sampling_logits(logits, self.temperature, self.top_k, self.top_p)
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        return sample_categorical(torch.softmax(sampling_logits(logits, self.temperature, self.top_k, self.top_p), -1),
+                                  generator)
 
     def _draw_items(self, hidden: torch.Tensor, output_embeddings: torch.Tensor, previous: torch.Tensor,
                     generator: torch.Generator | None, text: torch.Tensor | None = None) -> list[list[int]]:

@@ -258,3 +258,18 @@ def test_the_engine_is_the_only_place_that_decodes():
                 if not (receiver.endswith(("engine", "_plain", "synthetic")) or receiver == "self"):
                     calls.append(f"{path.name}: {receiver}.generate")
     assert calls == []
+
+
+def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one():
+    from crslight.models.engine import sample_categorical
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.1, 0.9]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, generator) for _ in range(20_000)])  # (20000, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        assert freq[probs[row] == 0].sum() == 0
+        # four standard errors of a frequency over 20,000 draws at most 0.0142
+        torch.testing.assert_close(freq, probs[row], atol=0.0142, rtol=0)
+    again = torch.stack([sample_categorical(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
+    assert torch.equal(again, torch.stack([sample_categorical(probs, torch.Generator().manual_seed(0))] * 3))
