@@ -36,7 +36,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     validate = data.add_parser("validate", help="check a source without training: every problem with file, line "
                                "and field; exit code 2 when the data cannot be used")
     for command in (stats, validate):
-        command.add_argument("--dataset", required=True, choices=["redial", "opendialkg", "synthetic", "logs"])
+        command.add_argument("--dataset", required=True, help="redial, opendialkg, synthetic, logs, or a dataset an "
+                             "installed plugin registers (crslight plugins lists them)")
         command.add_argument("--root", default=None, help="folder of the official download, or for logs a folder of "
                              "interaction logs or one conversations file (docs/logs.md); not for synthetic")
         command.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
@@ -99,7 +100,7 @@ def run_tool(argv: list[str]) -> int:
         try:
             corpus = load_corpus(args.dataset, args.root, args.split, skip_bad_rows=args.skip_bad_rows,
                                  seed=args.seed, n_dialogues=args.n_dialogues, catalogue=args.catalogue)
-        except DataError as e:
+        except (DataError, ValueError) as e:  # a bad file, or an unknown dataset or option
             print(f"crslight data stats: {e}", file=sys.stderr)
             return 2
         print(json.dumps(corpus.stats(), default=_json_default))

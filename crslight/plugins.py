@@ -1,5 +1,6 @@
-"""Plugins: installed packages that declare entry points in the groups ``crslight.signals``, ``crslight.metrics`` and
-``crslight.simulators``.
+"""Plugins: installed packages that declare entry points in the groups ``crslight.signals``, ``crslight.metrics``,
+``crslight.simulators`` and ``crslight.datasets`` (dataset loaders: :func:`crslight.data.load_corpus` reads a name it
+does not know from there; the loader protocol is in ``docs/plugins.md``).
 
 There is one mechanism and no decorator registry beside it: :func:`load_plugins` imports every entry point once, which
 makes each plugin class a visible subclass of its base (``SignalExtractor``, ``torchmetrics.Metric``, ...), so that
@@ -23,7 +24,8 @@ from typing import Any
 _log = logging.getLogger(__name__)
 
 #: The entry-point groups crslight reads, by short name.
-GROUPS = {"signals": "crslight.signals", "metrics": "crslight.metrics", "simulators": "crslight.simulators"}
+GROUPS = {"signals": "crslight.signals", "metrics": "crslight.metrics", "simulators": "crslight.simulators",
+          "datasets": "crslight.datasets"}
 
 
 class UnknownPluginError(LookupError):
@@ -88,7 +90,7 @@ def load_plugins(reload: bool = False) -> dict[str, dict[str, Plugin]]:
         reload: read the entry points again (tests; after installing a package into the running interpreter).
 
     Returns:
-        ``{group: {name: Plugin}}`` for the three groups, failed imports included (with ``error`` set).
+        ``{group: {name: Plugin}}`` for the groups, failed imports included (with ``error`` set).
     """
     global _registry
     if _registry is not None and not reload:
@@ -131,7 +133,8 @@ def get(group: str, name: str) -> Any:
 
 
 def plugins_listing(as_json: bool = False) -> str:
-    """What ``crslight plugins [--json]`` prints: every registered signal, metric and simulator and its package.
+    """What ``crslight plugins [--json]`` prints: every registered signal, metric, simulator and dataset loader and its
+    package.
 
     Args:
         as_json: a JSON list of ``{group, name, class_path, distribution, version}`` objects (plus ``error`` for a

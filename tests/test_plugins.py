@@ -82,8 +82,9 @@ def fake_plugins(tmp_path, monkeypatch):
 def test_loads_each_group_once(fake_plugins):
     first = plugins.load_plugins()
     assert plugins.load_plugins() is first
-    assert fake_plugins == ["crslight.signals", "crslight.metrics", "crslight.simulators"]  # one pass, not two
-    assert set(first) == {"crslight.signals", "crslight.metrics", "crslight.simulators"}
+    groups = ["crslight.signals", "crslight.metrics", "crslight.simulators", "crslight.datasets"]
+    assert fake_plugins == groups  # one pass, not two
+    assert set(first) == set(groups)
     loudness = first["crslight.signals"]["LoudnessSignal"]
     assert (loudness.distribution, loudness.version) == ("crslight-loudness", "0.3")
     assert loudness.class_path == "fake_signal_plugin.LoudnessSignal"
@@ -181,7 +182,8 @@ def test_example_plugin_installs_and_is_listed(tmp_path):
            "--target", str(target), str(source)]
     built = subprocess.run(pip, cwd=tmp_path, timeout=300, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)]), "HF_HUB_OFFLINE": "1",
+           "CRSLIGHT_CACHE": str(tmp_path / "cache")}
     script = textwrap.dedent("""
         import json
         from jsonargparse import ArgumentParser
@@ -193,15 +195,74 @@ def test_example_plugin_installs_and_is_listed(tmp_path):
         parser.add_argument("--signals", type=list[SignalExtractor])
         cfg = parser.parse_string("signals:\\n  - class_path: QuestionRateSignal\\n")
         signal = parser.instantiate(cfg).signals[0]
-        print(json.dumps({"listing": json.loads(plugins_listing(as_json=True)), "parsed": type(signal).__name__}))
+        # the dataset loader, by its entry-point name
+        from pathlib import Path
+        from crslight.data import load_corpus
+        root = Path("logs"); root.mkdir()
+        (root / "items.csv").write_text("item_id,title\\nm1,Heat (1995)\\n")
+        (root / "messages.csv").write_text("conversation_id,role,text,items\\n" + "".join(
+            f"c{i},user,hi,\\nc{i},agent,Heat (1995)?,m1\\n" for i in range(30)))
+        sizes = {s: len(load_corpus("chat_csv", root, s).dialogues) for s in ("train", "valid", "test")}
+        print(json.dumps({"listing": json.loads(plugins_listing(as_json=True)), "parsed": type(signal).__name__,
+                          "sizes": sizes}))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=120, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     by_name = {r["name"]: r for r in result["listing"]}
-    for name, group in [("QuestionRateSignal", "crslight.signals"), ("MeanReplyLength", "crslight.metrics")]:
+    for name, group in [("QuestionRateSignal", "crslight.signals"), ("MeanReplyLength", "crslight.metrics"),
+                        ("chat_csv", "crslight.datasets")]:
         assert by_name[name]["group"] == group
         assert (by_name[name]["distribution"], by_name[name]["version"]) == ("crslight-example", "0.1.0")
         assert "error" not in by_name[name]
     assert result["parsed"] == "QuestionRateSignal"
+    assert sum(result["sizes"].values()) == 30 and min(result["sizes"].values()) > 0
+
+
+def test_a_dataset_plugin_is_read_by_its_name_cached_and_checked(tmp_path, monkeypatch, capsys):
+    """A loader registered in ``crslight.datasets`` is what ``load_corpus`` and ``crslight data`` read for its name;
+    its conversion is cached until the files change; a loader that leaves out a split, or an unknown name, gets an
+    error that says so (exit code 2 from the command)."""
+    from types import SimpleNamespace
+
+    from crslight import plugins
+    from crslight.cli import main
+    from crslight.data import DataError, load_corpus
+    from crslight.schema import RECOMMENDER, SEEKER, turn
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def load_splits(root, report, skip_bad_rows):
+        calls.append(root)
+        text = (root / "log.txt").read_text()
+
+        def dialogue(i):
+            return {"dialogue_id": f"d{i}", "turns": [turn(SEEKER, text), turn(RECOMMENDER, "Heat?", ["m1"])],
+                    "labels": [], "rating": float("nan"), "persona": ""}
+
+        return ({"train": [dialogue(0), dialogue(1)], "valid": [dialogue(2)], "test": [dialogue(3)]},
+                [{"item_id": "m1", "name": "Heat (1995)", "popularity": 0.0, "attributes": ""}])
+
+    datasets = plugins.load_plugins()[plugins.GROUPS["datasets"]]
+    for name, obj in [("toy", SimpleNamespace(load_splits=load_splits)),
+                      ("half", SimpleNamespace(load_splits=lambda root, report, skip: ({"train": []}, [])))]:
+        monkeypatch.setitem(datasets, name, plugins.Plugin("crslight.datasets", name, name, "test", "0", obj=obj))
+    root = tmp_path / "logs"
+    root.mkdir()
+    (root / "log.txt").write_text("hello")
+    train = load_corpus("toy", root, "train")
+    assert len(train.dialogues) == 2 and train.dialogues[0]["turns"][0]["text"] == "hello"
+    assert [s.item for s in train.rec_samples] == ["m1", "m1"]
+    assert len(load_corpus("toy", root, "test").dialogues) == 1 and len(calls) == 1  # converted once
+    (root / "log.txt").write_text("hello again")
+    assert load_corpus("toy", root, "train").dialogues[0]["turns"][0]["text"] == "hello again" and len(calls) == 2
+    assert main(["data", "stats", "--dataset", "toy", "--root", str(root), "--split", "valid"]) == 0
+    assert '"dialogues": 1' in capsys.readouterr().out
+    with pytest.raises(DataError, match="the half loader returned no valid, test split"):
+        load_corpus("half", root, "train")
+    with pytest.raises(ValueError, match="unknown dataset 'nope': expected one of .*redial.*toy"):
+        load_corpus("nope", root)
+    assert main(["data", "stats", "--dataset", "nope", "--root", str(root)]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err

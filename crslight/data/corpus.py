@@ -110,6 +110,56 @@ def _to_datasets(splits: dict[str, list[dict]], catalogue: list[dict],
     return datasets.DatasetDict(out)
 
 
+def dataset_plugin(name: str):
+    """The loader an installed package registers as ``name`` in the ``crslight.datasets`` entry-point group.
+
+    Raises:
+        ValueError: no such dataset (the message lists the built-in and the installed ones).
+    """
+    from crslight import plugins
+
+    try:
+        loader = plugins.get("datasets", name)
+    except plugins.UnknownPluginError as error:
+        if name in plugins.load_plugins()[plugins.GROUPS["datasets"]]:  # installed, but it failed to import
+            raise ValueError(str(error)) from None
+        known = sorted(set(SOURCES) | set(plugins.available("datasets")))
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(known)}, or a dataset an installed "
+                         "package registers in the crslight.datasets entry-point group") from None
+    if not callable(getattr(loader, "load_splits", None)):
+        raise ValueError(f"dataset plugin {name!r} ({loader!r}) has no load_splits(root, report, skip_bad_rows)")
+    return loader
+
+
+def _plugin_build(name: str, loader, root, report: LoadReport, skip_bad_rows: bool):
+    """``(build, cache key)`` for a dataset plugin (the protocol: ``docs/plugins.md``): ``loader.load_splits(root,
+    report, skip_bad_rows)`` returns ``({split: [dialogue dicts]}, [catalogue rows])``; the cache key hashes
+    ``loader.FILES`` under ``root`` (default: every file under it) and ``loader.VERSION``."""
+    if root is None:
+        raise DataError("<root>", f"--root is required for the {name} dataset: its folder or file")
+    root = Path(root)
+    if not root.exists():
+        raise DataError(str(root), f"no such file or folder for the {name} dataset")
+    names = getattr(loader, "FILES", None)
+    if root.is_file():
+        files = [root]
+    elif names:
+        files = [require_files(root, list(names), name) / f for f in names]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+
+    def build():
+        splits, items = loader.load_splits(root, report, skip_bad_rows)
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            raise DataError(str(root), f"the {name} loader returned no {', '.join(missing)} split "
+                                       f"(load_splits must return all of {', '.join(SPLITS)})")
+        return _to_datasets({s: splits[s] for s in SPLITS}, items), {
+            "bad_rows": report.bad_rows, "unknown_items": report.unknown_items, "errors": report.errors}
+
+    return build, cache_key(files, version=str(getattr(loader, "VERSION", "1")), skip_bad_rows=skip_bad_rows)
+
+
 def load_corpus(
     name: str,
     root: str | Path | None = None,
@@ -125,7 +175,8 @@ def load_corpus(
     """Loads one split of a source in the canonical schema.
 
     Args:
-        name: ``redial``, ``opendialkg``, ``synthetic`` or ``logs``.
+        name: ``redial``, ``opendialkg``, ``synthetic``, ``logs``, or a dataset an installed package registers in the
+            ``crslight.datasets`` entry-point group (:func:`dataset_plugin`).
         root: the folder of the official download (``redial``, ``opendialkg``); for ``logs`` a folder of interaction
             logs or one conversations file (``crslight.data.logs``, ``docs/logs.md``); unused for ``synthetic``.
         split: ``train``, ``valid`` or ``test`` (the split rules are in each loader's docstring).
@@ -139,15 +190,16 @@ def load_corpus(
         catalogue: OpenDialKG only: ``recommended`` (the entities that recommender turns mention, the convention of
             published results) or ``entities`` (all 100,812 entities of the entity list).
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(SOURCES)}")
+    plugin = None if name in SOURCES else dataset_plugin(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if name == "opendialkg" and catalogue not in opendialkg.CATALOGUES:
         raise ValueError(f"unknown OpenDialKG catalogue {catalogue!r}: expected one of "
                          f"{', '.join(opendialkg.CATALOGUES)}")
     report = LoadReport()
-    if name == "synthetic":
+    if plugin is not None:
+        build, key = _plugin_build(name, plugin, root, report, skip_bad_rows)
+    elif name == "synthetic":
         n_eval = n_eval_dialogues or max(1, n_dialogues // 5)
         sizes = {"train": n_dialogues, "valid": n_eval, "test": n_eval}
 

@@ -53,7 +53,7 @@ def validate(dataset: str, root, **options) -> Validation:
         for split in SPLITS:
             corpus = load_corpus(dataset, root, split, skip_bad_rows=True, cache=False, **options)
             counts[split] = corpus.stats()["dialogues"]
-    except DataError as error:
+    except (DataError, ValueError) as error:  # a bad file, or an unknown dataset or option
         return Validation(counts, [str(error)])
     report = corpus.report
     counts.update(items=len(corpus.catalogue), unknown_items=report.unknown_items, bad_rows=report.bad_rows)

@@ -45,3 +45,38 @@ def test_registered_with_crslight():
     assert get("signals", "QuestionRateSignal") is QuestionRateSignal
     assert get("metrics", "MeanReplyLength") is MeanReplyLength
     assert isinstance(QuestionRateSignal()(batch_of(["Why?"])), torch.Tensor)
+
+
+def _chat_csv(root):
+    (root / "items.csv").write_text("item_id,title,genre\nm1,Heat (1995),crime\nm2,Up (2009),animation\n")
+    rows = ["conversation_id,role,text,items"]
+    for c in range(40):
+        rows += [f"c{c},user,I want something like Heat,m1", f"c{c},agent,Try Up (2009),m2", f"c{c},user,thanks,"]
+    (root / "messages.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_chat_csv_loads_through_crslight_by_its_entry_point_name(tmp_path, monkeypatch):
+    from crslight.data import load_corpus
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    root = _chat_csv(tmp_path)
+    corpora = {s: load_corpus("chat_csv", root, s) for s in ("train", "valid", "test")}
+    assert sum(len(c.dialogues) for c in corpora.values()) == 40 and all(len(c.dialogues) for c in corpora.values())
+    train = corpora["train"]
+    assert train.dialogues[0]["turns"][1] | {"time": 0, "end_time": 0} == {
+        "role": "recommender", "text": "Try Up (2009)", "items": ["m2"], "time": 0, "end_time": 0}
+    assert train.catalogue["attributes"] == ["genre=crime", "genre=animation"]
+    assert {s.item for s in train.rec_samples} == {"m2"}
+
+
+def test_chat_csv_names_the_file_row_and_field_of_a_bad_role(tmp_path, monkeypatch):
+    from crslight.data import DataError, load_corpus
+
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
+    root = _chat_csv(tmp_path)
+    with open(root / "messages.csv", "a") as f:
+        f.write("c1,robot,hello,\n")
+    with pytest.raises(DataError, match=r"messages.csv, line 121, field 'role': role must be 'user' or 'agent'"):
+        load_corpus("chat_csv", root, "train")
+    assert len(load_corpus("chat_csv", root, "train", skip_bad_rows=True).dialogues) > 0
