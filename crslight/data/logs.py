@@ -2,9 +2,10 @@
 
 Layout: ``root`` is a folder or one conversations file.
 
-- Conversations: ``*.jsonl`` (one conversation per line) or ``*.parquet`` (one per row, the same fields as columns)
-  in the folder, and/or in its subfolders ``train/``, ``valid/`` (or ``validation/``), ``test/``. Given a file, that
-  file alone.
+- Conversations: ``*.jsonl`` (one conversation per line), ``*.parquet`` (one per row, the same fields as columns) or
+  ``*.arrow`` (the same rows as Arrow files: what ``datasets``' ``save_to_disk`` writes, so a ``Dataset`` folder, or a
+  ``DatasetDict`` folder with its ``train/``, ``validation/``, ``test/`` subfolders, reads as it is) in the folder,
+  and/or in its subfolders ``train/``, ``valid/`` (or ``validation/``), ``test/``. Given a file, that file alone.
 - Catalogue: ``catalogue.csv`` (header with ``id``, ``title``, optional ``popularity``, any other column an
   attribute), ``catalogue.jsonl`` or ``catalogue.parquet`` (the same fields; an ``attributes`` object is flattened),
   in the folder (beside the file). Popularity, when a row has none: the number of train conversations that mention
@@ -35,7 +36,7 @@ from crslight.data.errors import DataError, LoadReport, check_ids, parse_json, r
 from crslight.data.logrecord import Problems, convert_conversation
 
 CATALOGUE_NAMES = ("catalogue.csv", "catalogue.jsonl", "catalogue.parquet")
-CONVERSATION_SUFFIXES = (".jsonl", ".parquet")
+CONVERSATION_SUFFIXES = (".jsonl", ".parquet", ".arrow")
 SPLIT_FOLDERS = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}
 HASH_RULE = "hash of conversation_id (crc32 % 10: 0 test, 1 valid, else train)"
 RULES = {"folder": "folder per split", "field": "split field", "hash": HASH_RULE}
@@ -85,10 +86,11 @@ def find_files(root: str | Path) -> tuple[Path, list[tuple[Path, str | None]]]:
     catalogue or no conversations file."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(root, "no such file or folder: expected a folder of logs or one .jsonl / .parquet file")
+        raise DataError(root, "no such file or folder: expected a folder of logs or one .jsonl / .parquet / .arrow "
+                        "file")
     if root.is_file():
         if root.suffix not in CONVERSATION_SUFFIXES:
-            raise DataError(root, "expected a .jsonl or .parquet file of conversations, or a folder of them")
+            raise DataError(root, "expected a .jsonl, .parquet or .arrow file of conversations, or a folder of them")
         folder, files = root.parent, [(root, None)]
     else:
         folder = root
@@ -97,8 +99,8 @@ def find_files(root: str | Path) -> tuple[Path, list[tuple[Path, str | None]]]:
             if (root / name).is_dir():
                 files += [(p, split) for p in _conversation_files(root / name)]
         if not files:
-            raise DataError(root, "no conversations: expected *.jsonl or *.parquet files in the folder or in its "
-                            "train/, valid/, test/ subfolders")
+            raise DataError(root, "no conversations: expected *.jsonl, *.parquet or *.arrow files in the folder or in "
+                            "its train/, valid/, test/ subfolders")
     catalogues = [folder / n for n in CATALOGUE_NAMES if (folder / n).is_file()]
     if not catalogues:
         raise DataError(folder, f"no catalogue: expected {', '.join(CATALOGUE_NAMES[:-1])} or {CATALOGUE_NAMES[-1]} "
@@ -119,6 +121,9 @@ def _records(path: Path):
     others."""
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
+        return
+    if path.suffix == ".arrow":
+        yield from _arrow_rows(path)
         return
     for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -149,6 +154,22 @@ def _parquet_rows(path: Path):
                 yield row, record
     except Exception as error:  # pyarrow raises several types for a file that is not Parquet
         yield None, DataError(path, f"not a readable Parquet file ({type(error).__name__}: {error})")
+
+
+def _arrow_rows(path: Path):
+    """Rows of an Arrow file: the streaming format ``datasets`` writes (``save_to_disk``), or the random-access one."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+        yield from enumerate(table.to_pylist(), start=1)
+    except Exception as error:  # pyarrow raises several types for a file that is not Arrow
+        yield None, DataError(path, f"not a readable Arrow file ({type(error).__name__}: {error})")
 
 
 def split_by_hash(conversation_id: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 import tomllib
 
 from crslight.cli import main
-from crslight.data import load_corpus
+from crslight.data import DataError, load_corpus
 from crslight.data.logrecord import (
     CONVERSATION_FIELDS,
     EVENT_FIELDS,
@@ -216,3 +216,28 @@ def test_a_config_names_the_logs_datamodule(monkeypatch, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: crslight.data.datamodules.Logs" in printed and "root: docs/examples/logs" in printed
+
+
+def test_a_hugging_face_dataset_folder_saved_to_disk_reads_like_the_jsonl(tmp_path):
+    """``DatasetDict.save_to_disk`` writes a folder per split of Arrow files: the loader reads it as it is (the
+    ``validation`` folder as the valid split), the same records as the JSONL they came from."""
+    import datasets as hf
+
+    records = [conversation(i, user_id=f"u{i}") for i in range(30)]
+    by_split = {"train": records[:20], "validation": records[20:25], "test": records[25:]}
+    jsonl = tmp_path / "jsonl"
+    for folder, rows in by_split.items():
+        write_logs(jsonl / folder, rows)
+        (jsonl / folder / "catalogue.csv").unlink()
+    (jsonl / "catalogue.csv").write_text(CATALOGUE)
+    saved = tmp_path / "saved"
+    hf.DatasetDict({k: hf.Dataset.from_list(v) for k, v in by_split.items()}).save_to_disk(str(saved))
+    (saved / "catalogue.csv").write_text(CATALOGUE)
+    assert sorted(p.suffix for p in (saved / "train").iterdir()) == [".arrow", ".json", ".json"]
+    for split, folder in [("train", "train"), ("valid", "validation"), ("test", "test")]:
+        a = load_corpus("logs", jsonl, split, cache=False).dialogues
+        b = load_corpus("logs", saved, split, cache=False).dialogues
+        assert json.dumps(a.to_list()) == json.dumps(b.to_list()) and len(b) == len(by_split[folder])
+    with pytest.raises(DataError, match="not a readable Arrow file"):
+        (saved / "train" / "broken.arrow").write_bytes(b"not arrow at all")
+        load_corpus("logs", saved, "train", cache=False)
