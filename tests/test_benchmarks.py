@@ -1,4 +1,4 @@
-"""benchmarks/ppo_vs_trl.py without TRL: the crslight side runs on the tiny model, and a missing TRL is reported."""
+"""The benchmark scripts without TRL: the crslight sides run on the tiny model, and a missing TRL is reported."""
 
 import argparse
 import importlib.util
@@ -246,3 +246,26 @@ def test_item_acceptance_checks_the_best_items_against_the_users_targets():
     assert 1.0 < effective < 3.0
     head.bias.data = torch.tensor([0.0, 3.0, 2.0, 0.0])
     assert script.split_rates(head, corpus, (1,))["accepted@1"] == 1.0
+
+
+def test_reward_benchmark_gives_both_sides_the_same_pairs_and_runs_crslights_real_step(tmp_path):
+    """benchmarks/reward_vs_trl.py without TRL: the pairs TRL would get are crslight's own encoding of the same
+    batches (the crslight child checks it), and crslight's side trains on them."""
+    spec = importlib.util.spec_from_file_location("reward_vs_trl", SCRIPT.parent / "reward_vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(batch_size=4, steps=1, warmup=1, precision="32-true", threads=1, seed=0, max_tokens=96,
+                              lr=1e-5, dialogues=40)
+    prepared = module.prepare("tiny", args, tmp_path)
+    assert len(prepared["pairs"]) == 8 and all(c != r and 0 < len(c) <= 96 for c, r in prepared["pairs"])
+    threads = torch.get_num_threads()
+    try:
+        result = module.run_crslight(prepared)
+        with pytest.raises(RuntimeError, match="not the pairs TRL gets"):
+            module.run_crslight({**prepared, "pairs": prepared["pairs"][::-1]})
+    finally:
+        torch.set_num_threads(threads)
+    assert result["samples_per_s"] > 0 and len(result["step_s"]) == 1
+    assert module.table([{"label": "tiny", "crslight": {"samples_per_s": 3.0, "peak_rss_mb": 900.0},
+                          "trl": {"samples_per_s": 2.0, "peak_rss_mb": 1000.0}, "speed_ratio": 1.5,
+                          "rss_ratio": 0.9}]).splitlines()[-1] == "| tiny | 3.00 | 2.00 | 1.50x | 900 | 1000 | 0.90x |"
