@@ -399,7 +399,8 @@ def tune_text_encoder(head: ItemHead, data: SlotData, epochs: int, lr: float = 3
     The copy (:class:`~crslight.models.encoder.TextTower`) becomes ``head.text_encoder`` and reads the contexts from
     then on; the scale starts at 20 (cosines in [-1, 1] need it to be a sharp distribution). One epoch over ReDial's
     training split (10,639 samples, one window) took about 13 minutes on a 2-core CPU. Seeded; returns each epoch's
-    mean loss; ``log(message)`` hears of progress.
+    mean loss; ``log(message)`` hears of progress. The encoder's dropout draws from ``seed`` too, so every DDP rank
+    tunes the same encoder (the tuning runs on each rank, outside DDP's gradient averaging).
     """
     if not head.reads_text or data.contexts is None:
         raise ValueError("tune_text_encoder needs a head with a text part and the samples' context lines")
@@ -416,9 +417,11 @@ def tune_text_encoder(head: ItemHead, data: SlotData, epochs: int, lr: float = 3
     groups = [{"params": list(encoder.parameters()), "lr": lr}, {"params": [head.text_items], "lr": item_lr},
               {"params": [head.text_scale], "lr": scale_lr}]
     try:
-        return _adamw_epochs(groups, lambda rows: retrieval_loss(
-            head.text_scores(head.window_embeddings([contexts[i] for i in rows.tolist()], encoder)), target[rows]),
-            len(target), epochs, lr, batch_size, 0.0, seed, head.text_items.device, log)
+        with torch.random.fork_rng(devices=[]):  # dropout from ``seed``: every DDP rank tunes the same encoder
+            torch.manual_seed(seed)
+            return _adamw_epochs(groups, lambda rows: retrieval_loss(
+                head.text_scores(head.window_embeddings([contexts[i] for i in rows.tolist()], encoder)), target[rows]),
+                len(target), epochs, lr, batch_size, 0.0, seed, head.text_items.device, log)
     finally:
         encoder.requires_grad_(False)
         encoder.eval()
