@@ -488,11 +488,12 @@ def fit_item_scores(head: ItemHead, train: SlotData, valid: SlotData | None, out
                     epochs: int, lr: float, trains: str = "all", prior: float = 0.0, text_epochs: int = 8,
                     seed: int = 0, tune_epochs: int = 0, tune_lr: float = 3e-5, log=None) -> dict[str, float]:
     """The whole fit of the item scores on cached samples, in order: the text part alone (``text_epochs`` on the
-    frozen encoder's embeddings, or with ``tune_epochs`` that many epochs of :func:`tune_text_encoder` at ``tune_lr``,
-    when the head has a text part); the rest with the text part switched off (:func:`fit_item_head`; with ``trains: context`` the map
-    is zeroed and the bias set to ``prior`` times the log of one plus each item's count among the training targets);
-    then the text part's weight beside the rest, chosen on ``valid`` (the training samples when None). Returns what
-    happened: losses, the text weight and the held-out sum of Recall@1, @10 and @50 with and without the text."""
+    frozen encoder's embeddings, or with ``tune_epochs`` that many epochs of :func:`tune_text_encoder` at
+    ``tune_lr``, when the head has a text part); the rest with the text part switched off (:func:`fit_item_head`;
+    with ``trains: context`` the map is zeroed and the bias set to ``prior`` times the log of one plus each item's
+    count among the training targets); then the text part's weight beside the rest, chosen on ``valid`` (the training
+    samples when None). Returns what happened: losses, the text weight and the held-out sum of Recall@1, @10 and @50
+    with and without the text."""
     out: dict[str, float] = {"samples": len(train.target)}
     text_scale = None
     tuned = head.reads_text and tune_epochs > 0
