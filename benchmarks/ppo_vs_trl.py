@@ -242,25 +242,28 @@ def check_trl(path: Path) -> None:
                  "(its dependencies accelerate, datasets and jinja2 come from this environment), or pass --trl-path.")
 
 
-def run_side(side: str, spec: dict, folder: Path, trl_path: Path) -> dict:
+def run_side(side: str, spec: dict, folder: Path, trl_path: Path, script: str = __file__) -> dict:
+    """Runs one side (``script --child side``) in its own process; its result and the load average around it."""
     spec_path, out_path = folder / "spec.json", folder / f"{side}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     if side == "trl":
         env["PYTHONPATH"] = os.pathsep.join([str(trl_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = [sys.executable, __file__, "--child", side, "--spec", str(spec_path), "--child-out", str(out_path)]
+    command = [sys.executable, script, "--child", side, "--spec", str(spec_path), "--child-out", str(out_path)]
     load = os.getloadavg()[0]
     subprocess.run(command, env=env, check=True, stdout=sys.stderr)  # stdout carries only the table
     return {**json.loads(out_path.read_text()), "load_avg_1m": [load, os.getloadavg()[0]]}
 
 
-def table(rows: list[dict]) -> str:
-    """The Markdown table of :func:`main`: one row per model."""
-    head = ("| model | crslight samples/s | TRL samples/s | ratio | crslight peak RSS MB | TRL peak RSS MB | ratio "
-            "| samples per CPU-s ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+def table(rows: list[dict], unit: str = "samples", cpu: bool = True) -> str:
+    """The Markdown table of :func:`main`: one row per model (throughput in ``unit``/s; ``cpu``: the ratio per
+    CPU-second as a last column)."""
+    head = (f"| model | crslight {unit}/s | TRL {unit}/s | ratio | crslight peak RSS MB | TRL peak RSS MB | ratio |"
+            + (f" {unit} per CPU-s ratio |" if cpu else "") + "\n|---|---:|---:|---:|---:|---:|---:|"
+            + ("---:|" if cpu else ""))
     lines = [f"| {r['label']} | {r['crslight']['samples_per_s']:.2f} | {r['trl']['samples_per_s']:.2f} | "
              f"{r['speed_ratio']:.2f}x | {r['crslight']['peak_rss_mb']:.0f} | {r['trl']['peak_rss_mb']:.0f} | "
-             f"{r['rss_ratio']:.2f}x | {r['cpu_speed_ratio']:.2f}x |" for r in rows]
+             f"{r['rss_ratio']:.2f}x |" + (f" {r['cpu_speed_ratio']:.2f}x |" if cpu else "") for r in rows]
     return "\n".join([head, *lines])
 
 
@@ -303,33 +306,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "two-core machine)")
     parser.add_argument("--prompt-length", type=int, default=64, help="longest prompt, in tokens")
     parser.add_argument("--dialogues", type=int, default=200, help="synthetic dialogues the prompts are drawn from")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every crslight-against-TRL script shares: seed, TRL's folder, the output, the child protocol."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-path", type=Path, default=default_trl_path(), help="folder TRL is installed in")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--child", choices=["crslight", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-
+def run(args, runners: dict, compare_model, table_of) -> None:
+    """A child process runs its side (``runners[args.child]``) and writes the result; the parent compares each
+    model (``compare_model(model, args)``), prints ``table_of(rows)`` and writes the rows to ``--out``."""
     if args.child:
         spec = json.loads(args.spec.read_text())
-        result = (run_crslight if args.child == "crslight" else run_trl)(spec)
-        args.child_out.write_text(json.dumps(result))
+        args.child_out.write_text(json.dumps(runners[args.child](spec)))
         return
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_trl(args.trl_path)
     rows = []
     for model in MODELS if args.model == "both" else (args.model,):
-        rows.append(compare(model, args))
+        rows.append(compare_model(model, args))
         print(json.dumps({k: rows[-1][k] for k in ("label", "crslight", "trl")}), file=sys.stderr, flush=True)
-    print(table(rows))
+    print(table_of(rows))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    run(build_parser().parse_args(), {"crslight": run_crslight, "trl": run_trl}, compare, table)
 
 
 if __name__ == "__main__":

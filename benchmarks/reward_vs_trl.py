@@ -23,15 +23,14 @@ One step on each side is a warm-up; pairs/s = pairs of the ``--steps`` timed ste
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import MODELS, StepClock, check_trl, default_trl_path, peak_rss_mb  # noqa: E402
+from ppo_vs_trl import MODELS, StepClock, add_run_arguments, peak_rss_mb, run, run_side  # noqa: E402
+from ppo_vs_trl import table as ppo_table  # noqa: E402
 
 SETTINGS = ("batch_size", "steps", "warmup", "precision", "threads", "seed", "max_tokens", "lr", "dialogues")
 
@@ -168,18 +167,6 @@ def run_trl(spec: dict) -> dict:
     return clock.result(spec["warmup"], spec["batch_size"], rss_after_load_mb=loaded, threads=torch.get_num_threads())
 
 
-def run_side(side: str, spec: dict, folder: Path, trl_path: Path) -> dict:
-    spec_path, out_path = folder / "spec.json", folder / f"{side}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    if side == "trl":
-        env["PYTHONPATH"] = os.pathsep.join([str(trl_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = [sys.executable, __file__, "--child", side, "--spec", str(spec_path), "--child-out", str(out_path)]
-    load = os.getloadavg()[0]
-    subprocess.run(command, env=env, check=True, stdout=sys.stderr)
-    return {**json.loads(out_path.read_text()), "load_avg_1m": [load, os.getloadavg()[0]]}
-
-
 def compare(model: str, args) -> dict:
     row = {"model": model, "label": model if args.precision == "32-true" else f"{model} ({args.precision})",
            "settings": {k: getattr(args, k) for k in SETTINGS}}
@@ -189,19 +176,14 @@ def compare(model: str, args) -> dict:
                                               for lo in range(0, len(spec["pairs"]), args.batch_size)]
         for side in ("crslight", "trl"):
             print(f"[{model}] {side} ...", file=sys.stderr, flush=True)
-            row[side] = run_side(side, spec, Path(tmp), args.trl_path)
+            row[side] = run_side(side, spec, Path(tmp), args.trl_path, __file__)
     row["speed_ratio"] = row["crslight"]["samples_per_s"] / row["trl"]["samples_per_s"]
     row["rss_ratio"] = row["crslight"]["peak_rss_mb"] / row["trl"]["peak_rss_mb"]
     return row
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | crslight pairs/s | TRL pairs/s | ratio | crslight peak RSS MB | TRL peak RSS MB | ratio |\n"
-            "|---|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['label']} | {r['crslight']['samples_per_s']:.2f} | {r['trl']['samples_per_s']:.2f} | "
-             f"{r['speed_ratio']:.2f}x | {r['crslight']['peak_rss_mb']:.0f} | {r['trl']['peak_rss_mb']:.0f} | "
-             f"{r['rss_ratio']:.2f}x |" for r in rows]
-    return "\n".join([head, *lines])
+    return ppo_table(rows, "pairs", cpu=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,32 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per (context, reply) input")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--dialogues", type=int, default=200, help="synthetic dialogues the pairs are drawn from")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trl-path", type=Path, default=default_trl_path(), help="folder TRL is installed in")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--child", choices=["crslight", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    add_run_arguments(parser)
     return parser
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    if args.child:
-        spec = json.loads(args.spec.read_text())
-        result = (run_crslight if args.child == "crslight" else run_trl)(spec)
-        args.child_out.write_text(json.dumps(result))
-        return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_trl(args.trl_path)
-    rows = []
-    for model in MODELS if args.model == "both" else (args.model,):
-        rows.append(compare(model, args))
-        print(json.dumps({k: rows[-1][k] for k in ("label", "crslight", "trl")}), file=sys.stderr, flush=True)
-    print(table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2))
+    run(build_parser().parse_args(), {"crslight": run_crslight, "trl": run_trl}, compare, table)
 
 
 if __name__ == "__main__":
