@@ -398,7 +398,7 @@ def tune_text_encoder(head: ItemHead, data: SlotData, epochs: int, lr: float = 3
 
     The copy (:class:`~crslight.models.encoder.TextTower`) becomes ``head.text_encoder`` and reads the contexts from
     then on; the scale starts at 20 (cosines in [-1, 1] need it to be a sharp distribution). One epoch over ReDial's
-    training split (10,639 samples, one window) took about 13 minutes on a 2-core CPU. Seeded; returns each epoch's
+    training split (10,639 samples, one window) took about 6 minutes on an idle 2-core CPU. Seeded; returns each epoch's
     mean loss; ``log(message)`` hears of progress. The encoder's dropout draws from ``seed`` too, so every DDP rank
     tunes the same encoder (the tuning runs on each rank, outside DDP's gradient averaging).
     """

@@ -104,7 +104,7 @@ class SFTModule(PolicyModule):
         item_text_model: That sentence encoder: ``minilm`` or a local sentence-transformers folder.
         item_text_epochs: Epochs of the text part's fit (on the frozen encoder's embeddings).
         item_text_tune_epochs: Instead, fine-tune a copy of the sentence encoder with the text part for this many
-            epochs (:func:`~crslight.models.retrieval.tune_text_encoder`; about 13 minutes an epoch on ReDial's
+            epochs (:func:`~crslight.models.retrieval.tune_text_encoder`; about 6 minutes an epoch on ReDial's
             training split on a 2-core CPU); the tuned encoder is saved with the item scores (0: keep it frozen).
         item_text_tune_lr: The tuned encoder's learning rate.
         eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
