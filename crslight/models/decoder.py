@@ -1,19 +1,22 @@
 """A lean forward pass of a Llama-family transformer body for decoding, with a preallocated KV cache.
 
-Hugging Face's ``LlamaModel`` spends most of a one-token decoding step outside the arithmetic on a CPU: dozens of
-module calls, mask building and cache bookkeeping per layer, and with PEFT's LoRA two more matmuls and a dropout per
-adapted projection. For 8 rows of SmolLM2-135M the step's matmuls take a few milliseconds; the step took about ten
-times that. :class:`LeanLlama` computes the same function with the fewest operations a step needs:
+Hugging Face's ``LlamaModel`` spends part of a one-token decoding step outside the arithmetic on a CPU: module calls,
+mask building and cache bookkeeping per layer, with PEFT's LoRA two more matmuls and a dropout per adapted projection,
+and under bf16 autocast a cast of every frozen weight at every step. :class:`LeanLlama` computes the same function
+with the fewest operations a step needs:
 
 - the weights read once per change (the parameters' version counters say when), LoRA merged into them
-  (``W + s · B A``) and PEFT's trainable token rows into the embeddings, the query/key/value projections fused into one matrix and the gate/up projections into another,
-  all in the decoding dtype (a bfloat16 copy under bf16 autocast costs no per-step casts);
+  (``W + s · B A``) and PEFT's trainable token rows into the embeddings, the query/key/value projections fused into
+  one matrix and the gate/up projections into another, all in the decoding dtype (bfloat16 under bf16 autocast);
 - a KV cache of fixed width per layer (:class:`KVCache`), written in place, grown only when a reply runs past it;
-- attention through ``scaled_dot_product_attention`` with grouped-query heads and a boolean key mask (left padding).
+- a prompt's attention through ``scaled_dot_product_attention`` with a boolean key mask (left padding), one new
+  token's as two batched matmuls over the grouped query heads (the fused CPU kernel costs several times that for a
+  single query row).
 
 It is exact up to floating-point summation order: the same norms (float32 variance), rotary embedding (the model's
 own ``inv_freq`` and scaling) and activation as ``LlamaModel``; tests compare its hidden states and greedy tokens with
 the Hugging Face body's. Other architectures decode through the Hugging Face body (:func:`lean_decoder` returns None).
+Measured against ``generate`` in ``benchmarks/decoding.py`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
