@@ -114,6 +114,8 @@ resumed = loader()
 resumed.load_state_dict(state)
 json.dump({"state": state, "trained": trained, "rest": [b.tolist() for b in straight],
            "resumed": [b.tolist() for b in resumed]}, open(f"{out}/rank{rank}.json", "w"))
+dist.barrier()  # both ranks done before the group goes: a rank leaving first can abort the other's gloo threads
+dist.destroy_process_group()
 """
 
 
