@@ -52,9 +52,10 @@ class EncodedDialogue:
     slots: list[list[tuple[int, str]]]
 
 
-def to_messages(turns: list[dict], system_prompt: str | None) -> list[dict]:
+def to_messages(turns: list[dict], system_prompt: str | None, assistant: str = RECOMMENDER) -> list[dict]:
+    """Schema turns → chat messages: the ``assistant`` side's turns are ``assistant``, the other side's ``user``."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages += [{"role": "assistant" if t["role"] == RECOMMENDER else "user", "content": t["text"]} for t in turns]
+    messages += [{"role": "assistant" if t["role"] == assistant else "user", "content": t["text"]} for t in turns]
     return messages
 
 
@@ -98,7 +99,7 @@ def slot_segments(text: str, items: list[str], names: dict[str, str]) -> list[tu
 
 def encode_dialogue(
     tokenizer, turns: list[dict], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    names: dict[str, str] | None = None, generation_prompt: bool = False,
+    names: dict[str, str] | None = None, generation_prompt: bool = False, assistant: str = RECOMMENDER,
 ) -> EncodedDialogue:
     """Tokenises a dialogue turn by turn (see the module docstring); no truncation.
 
@@ -107,9 +108,10 @@ def encode_dialogue(
         turns: schema turns.
         system_prompt: the system message; None for none.
         names: item id → catalogue name; given, recommender turns write their items through slots.
-        generation_prompt: end with the header of the recommender's next turn (a prompt for its reply).
+        generation_prompt: end with the header of the assistant's next turn (a prompt for its reply).
+        assistant: the side the model plays (``recommender``; ``seeker`` for a user simulator's words).
     """
-    messages = to_messages(turns, system_prompt)
+    messages = to_messages(turns, system_prompt, assistant)
     offset = 1 if system_prompt else 0
     slot_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN) if names is not None else None
     if slot_id is not None and slot_id == tokenizer.unk_token_id:
@@ -139,9 +141,9 @@ def encode_dialogue(
             )
         add(new[:at], False)  # the role header
         starts.append(len(ids))
-        assistant = messages[i]["role"] == "assistant"
+        replying = messages[i]["role"] == "assistant"
         turn_slots: list[tuple[int, str]] = []
-        if assistant and names is not None:
+        if replying and names is not None:
             segments = slot_segments(content, turns[i - offset]["items"], names)
             for text, item in segments[:-1]:
                 if item is None:
@@ -153,7 +155,7 @@ def encode_dialogue(
                     add(title_text(text), False)  # written in by the engine, not sampled
             add(segments[-1][0] + new[at + len(content):], True)
         else:
-            add(new[at:], assistant)
+            add(new[at:], replying)
         slots.append(turn_slots)
         ends.append(len(ids))
         rendered = full
@@ -164,15 +166,18 @@ def encode_dialogue(
 
 def encode_prompt(
     tokenizer, turns: list[dict], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int | None = None,
-    names: dict[str, str] | None = None,
+    names: dict[str, str] | None = None, assistant: str = RECOMMENDER,
 ) -> list[int]:
-    """The prompt for the recommender's next reply: the context (slots as in training) and the assistant header.
+    """The prompt for the next reply of the ``assistant`` side (the recommender, or a seeker played by a model): the
+    context (slots as in training) and the assistant header. Every prompt crslight generates from is built here —
+    rollouts, evaluation, chat, :class:`~crslight.simulator.policies.LMPolicy` and the LM simulator.
 
     When longer than ``max_length`` the oldest turns are dropped (the system prompt stays).
     """
     first = 0
     while True:
-        ids = encode_dialogue(tokenizer, turns[first:], system_prompt, names, generation_prompt=True).input_ids
+        ids = encode_dialogue(tokenizer, turns[first:], system_prompt, names, generation_prompt=True,
+                              assistant=assistant).input_ids
         if max_length is None or len(ids) <= max_length or first >= len(turns) - 1:
             return ids[-max_length:] if max_length else ids
         first += 1

@@ -104,7 +104,7 @@ class LeanLlama:
 
     def weights(self, dtype: torch.dtype) -> dict:
         """The fused, merged weights in ``dtype``; rebuilt only when a parameter changed since the last call."""
-        key = (dtype, tuple(p._version for p in self._sources()), tuple(p.data_ptr() for p in self._sources()))
+        key = (dtype, *((p._version, p.data_ptr()) for p in self._sources()))
         if self._weights is not None and self._key == key:
             return self._weights
         with torch.no_grad():

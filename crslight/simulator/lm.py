@@ -1,11 +1,12 @@
 """Chat generation with any transformers causal LM, and the LM-backed user simulator.
 
 :func:`generate_chat` is shared by :class:`~crslight.simulator.policies.LMPolicy` (the model plays the recommender)
-and :class:`LMSimulator` (the model plays the seeker): the tokenizer's chat template, then crslight's decoding engine
-(:mod:`crslight.models.engine`, the one every reply goes through) over the batch with its KV cache, stopping at the
-end of the assistant's turn (the EOS token plus the end-of-turn tokens of the common templates:
-``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``). A context longer than ``max_context_tokens`` loses
-its oldest turns, never the system prompt.
+and :class:`LMSimulator` (the model plays the seeker): the prompt comes from
+:func:`crslight.data.tokenize.encode_prompt`, the one prompt builder of training, rollouts, evaluation and chat (the
+tokenizer's chat template, rendered turn by turn), then crslight's decoding engine (:mod:`crslight.models.engine`, the
+one every reply goes through) decodes the batch with its KV cache, stopping at the end of the assistant's turn (the
+EOS token plus the end-of-turn tokens of the common templates: ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
+``<|end|>``). A context longer than ``max_context_tokens`` loses its oldest turns, never the system prompt.
 
 :class:`LMSimulator` keeps the decisions rule-based: acceptance, signals, dwell and leaving come from a rule simulator
 (by default :class:`~crslight.simulator.grounded.GroundedSimulator`), and the model only rewrites the rule-based answer
@@ -19,26 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from crslight.data.tokenize import encode_prompt
 from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import Reaction, UserSimulator, UserState
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-
-
-def to_chat(context: list[dict], system_prompt: str | None = None, assistant: str = RECOMMENDER) -> list[dict]:
-    """Schema turns → chat messages: the ``assistant`` role's turns become ``assistant``, the other side ``user``;
-    consecutive messages of one side are merged; empty turns are dropped."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for turn in context:
-        role = "assistant" if turn["role"] == assistant else "user"
-        text = turn["text"].strip()
-        if not text:
-            continue
-        if len(messages) > bool(system_prompt) and messages[-1]["role"] == role:
-            messages[-1]["content"] += " " + text
-        else:
-            messages.append({"role": role, "content": text})
-    return messages
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -49,53 +35,50 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _prompt(tokenizer, messages: list[dict], max_context_tokens: int) -> str:
-    """The templated prompt, dropping the oldest non-system messages until it fits."""
-    head = messages[:1] if messages and messages[0]["role"] == "system" else []
-    body = messages[len(head) :]
-    while True:
-        prompt = tokenizer.apply_chat_template(head + body, tokenize=False, add_generation_prompt=True)
-        if len(body) <= 1 or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= max_context_tokens:
-            return prompt
-        body = body[1:]
-
-
-@torch.no_grad()
-def generate_chat(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    max_new_tokens: int = 64,
-    do_sample: bool = True,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    max_context_tokens: int = 768,
-    seed: int | None = None,
-) -> list[str]:
-    """The model's next assistant message for each conversation (chat messages), batched.
+def chat_engine(model, tokenizer, max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 0.8,
+                top_p: float = 0.95, top_k: int = 0):
+    """The decoding engine of a plain chat model (no item scores), stopping at the end of the assistant's turn.
 
     Args:
         model: a transformers causal LM.
         tokenizer: its tokenizer; must have a chat template and a pad token.
-        conversations: one list of ``{"role", "content"}`` messages per prompt.
         max_new_tokens: longest reply, in tokens.
         do_sample: sample (True) or decode greedily (False).
         temperature: sampling temperature.
         top_p: nucleus sampling mass (1.0 turns it off).
         top_k: top-k sampling (0 turns it off).
+    """
+    from crslight.models.engine import Engine
+
+    return Engine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                  top_k=top_k, top_p=top_p if do_sample else 1.0, stop_tokens=stop_token_ids(tokenizer))
+
+
+@torch.no_grad()
+def generate_chat(
+    engine,
+    contexts: list[list[dict]],
+    system_prompt: str | None | list[str | None],
+    assistant: str = RECOMMENDER,
+    max_context_tokens: int = 768,
+    seed: int | None = None,
+) -> list[str]:
+    """The next message of the ``assistant`` side for each context (schema turns), batched.
+
+    Args:
+        engine: a :func:`chat_engine` (made once per model: it keeps the model's decoding weights).
+        contexts: one list of schema turns per prompt.
+        system_prompt: who the model plays (None: no system message), or one per context.
+        assistant: the side the model plays (``recommender``, or ``seeker`` for the LM simulator).
         max_context_tokens: longest prompt; older turns are dropped to fit.
         seed: seeds this call's random generator (torch's global one is left alone); None: the global one.
     """
-    if not conversations:
+    if not contexts:
         return []
-    from crslight.models.engine import Engine
-
-    prompts = [tokenizer(_prompt(tokenizer, msgs, max_context_tokens), add_special_tokens=False)["input_ids"]
-               for msgs in conversations]
-    device = next(model.parameters()).device
-    engine = Engine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                    top_k=top_k, top_p=top_p if do_sample else 1.0, stop_tokens=stop_token_ids(tokenizer))
+    systems = system_prompt if isinstance(system_prompt, list) else [system_prompt] * len(contexts)
+    prompts = [encode_prompt(engine.tokenizer, turns, system, max_context_tokens, assistant=assistant)
+               for turns, system in zip(contexts, systems, strict=True)]
+    device = next(engine.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     return [engine.decode(g) for g in engine.generate(prompts, generator=generator)]
 
@@ -118,6 +101,7 @@ class LMSimulator(UserSimulator):
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
+        max_context_tokens: longest prompt; the oldest turns are dropped to fit.
     """
 
     def __init__(
@@ -130,10 +114,11 @@ class LMSimulator(UserSimulator):
         do_sample: bool = False,
         temperature: float = 0.7,
         top_p: float = 0.9,
+        max_context_tokens: int = 768,
     ):
         self.rules, self.model, self.tokenizer = rules, model, tokenizer
-        self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
-        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
+        self.system_prompt, self.max_context_tokens, self.do_sample = system_prompt, max_context_tokens, do_sample
+        self.engine = chat_engine(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
 
     def prefix_points(self, dialogue: dict) -> list[int]:
         return self.rules.prefix_points(dialogue)
@@ -151,19 +136,12 @@ class LMSimulator(UserSimulator):
 
     def react_batch(self, states, contexts, replies, items, rngs) -> list[Reaction]:
         reactions = self.rules.react_batch(states, contexts, replies, items, rngs)
-        conversations = []
-        for context, reply, reaction in zip(contexts, replies, reactions, strict=True):
-            intent = (
-                f"{self.system_prompt} What you want to say, in your own words: \"{reaction.text}\""
-            )
-            turns = [*context, {"role": RECOMMENDER, "text": reply}]
-            conversations.append(to_chat(turns, intent, assistant=SEEKER))
         # one draw from every episode's generator, so the rule decisions' streams stay aligned in any batch
         seed = int(sum(int(r.integers(2**31)) for r in rngs) % 2**31) if self.do_sample else None
-        texts = generate_chat(
-            self.model, self.tokenizer, conversations, self.max_new_tokens, self.do_sample, self.temperature,
-            self.top_p, seed=seed,
-        )
+        turns = [[*context, {"role": RECOMMENDER, "text": reply, "items": []}]
+                 for context, reply in zip(contexts, replies, strict=True)]
+        intents = [f"{self.system_prompt} What you want to say, in your own words: \"{r.text}\"" for r in reactions]
+        texts = generate_chat(self.engine, turns, intents, SEEKER, self.max_context_tokens, seed)
         for reaction, text in zip(reactions, texts, strict=True):
             reaction.text = text or reaction.text
         return reactions

@@ -36,7 +36,7 @@ from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
 from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.env import Policy
-from crslight.simulator.lm import generate_chat, to_chat
+from crslight.simulator.lm import chat_engine, generate_chat
 
 PHRASES = [
     "Have you seen {name}? It's a great {noun}.",
@@ -225,9 +225,8 @@ class LMPolicy:
         seed: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
-        self.max_context_tokens = max_context_tokens
-        self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
+        self.system_prompt, self.max_context_tokens = system_prompt, max_context_tokens
+        self.engine = chat_engine(model, tokenizer, max_new_tokens, do_sample, temperature, top_p, top_k)
         self.seed, self.calls = seed, 0
 
     @classmethod
@@ -243,11 +242,8 @@ class LMPolicy:
     def __call__(self, contexts: list[list[dict]]) -> list[str]:
         seed = None if self.seed is None else self.seed + self.calls
         self.calls += 1
-        conversations = [to_chat(context, self.system_prompt) for context in contexts]
-        return generate_chat(
-            self.model, self.tokenizer, conversations, self.max_new_tokens, self.do_sample, self.temperature,
-            self.top_p, self.top_k, self.max_context_tokens, seed,
-        )
+        return generate_chat(self.engine, contexts, self.system_prompt, max_context_tokens=self.max_context_tokens,
+                             seed=seed)
 
 
 #: Built-in policy names: ``random`` (uniform over unmentioned items), ``popularity`` (most accepted in the train

@@ -3,11 +3,13 @@ import json
 import numpy as np
 import pytest
 
+from crslight.data.tokenize import encode_prompt
+from crslight.models.engine import Engine
 from crslight.schema import turn
 from crslight.simulator import lm
 from crslight.simulator.grounded import GroundedSimulator
 from crslight.simulator.linker import ItemLinker
-from crslight.simulator.lm import LMSimulator, generate_chat, stop_token_ids, to_chat
+from crslight.simulator.lm import LMSimulator, chat_engine, generate_chat, stop_token_ids
 from crslight.simulator.policies import (
     AttributeOraclePolicy,
     LMPolicy,
@@ -50,11 +52,38 @@ def test_random_policy_is_a_function_of_seed_and_context(catalogue):
     assert "10" not in picks and len(picks) > 5  # never a mentioned item; spread over the catalogue
 
 
-def test_to_chat_maps_roles_and_merges_turns():
-    messages = to_chat(CONTEXT, "sys")
-    assert messages == [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "Hi!"},
-                        {"role": "user", "content": "I loved Get Out (2017). Anything similar?"}]
-    assert [m["role"] for m in to_chat(CONTEXT, None, assistant="seeker")] == ["user", "assistant"]
+def test_lm_policy_and_lm_simulator_prompt_through_encode_prompt(catalogue, tiny_chat, monkeypatch):
+    """One prompt builder: the recommender LM and the seeker LM get exactly ``encode_prompt``'s tokens (the builder of
+    training, rollouts, evaluation and chat), with the oldest turns dropped to fit and the system prompt kept."""
+    model, tokenizer = tiny_chat
+    prompts = []
+    generate = Engine.generate
+
+    def record(self, batch, *args, **kwargs):
+        prompts.append([list(p) for p in batch])
+        return generate(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", record)
+    LMPolicy(model, tokenizer, system_prompt="sys", max_new_tokens=2, do_sample=False)([CONTEXT])
+    assert prompts[-1] == [encode_prompt(tokenizer, CONTEXT, "sys", 768)]
+    long = [turn("seeker", "word " * 200), turn("recommender", "ok"), turn("seeker", "Get Out?")]
+    LMPolicy(model, tokenizer, system_prompt="sys", max_new_tokens=2, do_sample=False, max_context_tokens=60)([long])
+    text = tokenizer.decode(prompts[-1][0])
+    assert len(prompts[-1][0]) <= 60 and "sys" in text and "Get Out?" in text and "word word" not in text
+    assert prompts[-1][0] == encode_prompt(tokenizer, long[1:], "sys")
+
+    sim = LMSimulator(GroundedSimulator(catalogue, leave_step=0.0), model, tokenizer, system_prompt="seek",
+                      max_new_tokens=2)
+    dialogue = {"dialogue_id": "d", "turns": CONTEXT, "labels": [{"item": "5", "suggested": 1, "seen": 0, "liked": 1}]}
+    reaction = sim.react(sim.start(dialogue, 3, np.random.default_rng(0)), CONTEXT, "Try Frozen", ["5"],
+                         np.random.default_rng(0))
+    assert reaction.accepted
+    turns = [*CONTEXT, turn("recommender", "Try Frozen")]
+    intent = sim.system_prompt + " What you want to say, in your own words: "
+    text = tokenizer.decode(prompts[-1][0])
+    said = text[text.index(intent) + len(intent):].split('"')[1]  # the rule simulator's words, quoted
+    assert prompts[-1][0] == encode_prompt(tokenizer, turns, f'{intent}"{said}"', 768, assistant="seeker")
+    assert text.rstrip().endswith("assistant") and "Try Frozen" in text  # the seeker answers the recommender's reply
 
 
 def test_lm_policy_batched_left_padded_generation_matches_one_by_one(tiny_chat):
@@ -74,13 +103,6 @@ def test_lm_policy_sampling_is_seeded(tiny_chat):
     assert a == b
 
 
-def test_long_contexts_lose_their_oldest_turns(tiny_chat):
-    _, tokenizer = tiny_chat
-    messages = to_chat([turn("seeker", "word " * 200), turn("recommender", "ok"), turn("seeker", "Get Out?")], "sys")
-    prompt = lm._prompt(tokenizer, messages, max_context_tokens=60)
-    assert "sys" in prompt and "Get Out?" in prompt and "word word" not in prompt
-
-
 def test_lm_simulator_words_come_from_the_model_and_decisions_from_the_rules(catalogue, tiny_chat, monkeypatch):
     model, tokenizer = tiny_chat
     rules = GroundedSimulator(catalogue, leave_step=0.0)
@@ -90,14 +112,15 @@ def test_lm_simulator_words_come_from_the_model_and_decisions_from_the_rules(cat
     state = sim.start(dialogue, 1, np.random.default_rng(0))
     seen_prompts = []
 
-    def fake_generate(model, tokenizer, conversations, *args, **kwargs):
-        seen_prompts.extend(conversations)
-        return ["Oh cool, I will watch it!"] * len(conversations)
+    def fake_generate(engine, contexts, system_prompt, assistant, *args, **kwargs):
+        seen_prompts.extend((turns, assistant) for turns in contexts)
+        return ["Oh cool, I will watch it!"] * len(contexts)
 
     monkeypatch.setattr(lm, "generate_chat", fake_generate)
     reaction = sim.react(state, dialogue["turns"][:1], "Try Get Out", ["10"], np.random.default_rng(0))
     assert reaction.accepted and reaction.text == "Oh cool, I will watch it!"
-    assert seen_prompts[0][-1] == {"role": "user", "content": "Try Get Out"}  # the recommender is the model's user
+    turns, side = seen_prompts[0]
+    assert side == "seeker" and turns[-1]["role"] == "recommender" and turns[-1]["text"] == "Try Get Out"
     monkeypatch.undo()
     real = sim.react_batch([sim.start(dialogue, 1, np.random.default_rng(1))], [dialogue["turns"][:1]],
                            ["Try Police Academy"], [["1"]], [np.random.default_rng(1)])[0]
@@ -105,7 +128,7 @@ def test_lm_simulator_words_come_from_the_model_and_decisions_from_the_rules(cat
 
 
 def test_generate_chat_handles_an_empty_batch(tiny_chat):
-    assert generate_chat(*tiny_chat, []) == []
+    assert generate_chat(chat_engine(*tiny_chat), [], None) == []
 
 
 def test_stated_wishes_reads_the_latest_genre_and_mood_the_seeker_said():
