@@ -1,6 +1,6 @@
 """Signal ablation of the reward model: retrain R_phi with each signal removed from the composite label.
 
-``crslight ablate -c configs/redial/reward.yaml`` (or :func:`ablate`) trains one R_phi per variant with the config's
+``crslight ablate configs/redial/reward.yaml`` (or :func:`ablate`) trains one R_phi per variant with the config's
 model and data, a small budget (``max_steps``) and the same seed: the full label, then the label without each signal
 (the remaining weights kept as they are; the composite renormalises them per sample). Every variant is evaluated on the
 held-out split (``valid`` by default; ``test`` when asked) twice:
@@ -15,10 +15,8 @@ and against the questionnaire — ``auc_liked`` — which no label choice moves.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -103,25 +101,25 @@ def ablate(
     return {"config": str(config_path), "max_steps": max_steps, "split": split, "signals": names, "results": results}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``crslight ablate -c CONFIG [--max-steps N] [--split S] [--signals A B] [--out F] [-- --key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="crslight ablate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="a reward config (configs/<dataset>/reward.yaml)")
+def configure_parser(parser) -> None:
+    """Adds ``crslight ablate``'s arguments to ``parser`` (``crslight ablate CONFIG [--max-steps N] [--split S]
+    [--signals A B] [--out F] [-- --key=value ...]``)."""
+    parser.add_argument("reward_config", help="the R_phi config to ablate (configs/<dataset>/reward.yaml)")
     parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps per variant")
     parser.add_argument("--split", default="valid", choices=["valid", "test"], help="held-out split evaluated")
     parser.add_argument("--signals", nargs="*", default=None, help="only ablate these signals (class names)")
     parser.add_argument("--limit-eval-batches", type=float, default=1.0, help="a fraction (<= 1) or a count")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("overrides", nargs="*", help="config overrides after --, e.g. -- --model.backbone=tiny")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides after --, e.g. -- --model.backbone=tiny")
+
+
+def run(args) -> int:
+    """Runs ``crslight ablate`` on parsed arguments; prints the JSON report. Returns the exit code."""
     limit = args.limit_eval_batches if args.limit_eval_batches <= 1 else int(args.limit_eval_batches)
-    report = ablate(args.config, args.max_steps, args.split, args.signals, args.overrides, limit)
+    report = ablate(args.reward_config, args.max_steps, args.split, args.signals, args.overrides, limit)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,6 @@ Plugins are imported from their entry points before anything parses, so their cl
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,7 +17,9 @@ import pickle
 import sys
 from pathlib import Path
 
-TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "compare", "ablate")
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "compare", "ablate", "pipeline")
 
 
 def _json_default(value):
@@ -27,14 +28,29 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {value!r}")
 
 
-def _tool_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crslight", description="RLHF from implicit feedback for recommenders.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command(subcommands, name: str, help: str) -> ArgumentParser:
+    """A subcommand's parser: its options, plus ``-c CONFIG`` (a YAML file of them) and ``--print_config``."""
+    parser = ArgumentParser(description=help)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="a YAML file of this command's options (--print_config writes one)")
+    subcommands.add_subcommand(name, parser, help=help)
+    return parser
 
-    data = sub.add_parser("data", help="inspect a data source").add_subparsers(dest="action", required=True)
-    stats = data.add_parser("stats", help="print one JSON object with a split's counts")
-    validate = data.add_parser("validate", help="check a source without training: every problem with file, line "
-                               "and field; exit code 2 when the data cannot be used")
+
+def tool_parser() -> ArgumentParser:
+    """The parser of every ``crslight`` command except LightningCLI's ``fit`` / ``test`` / ``validate`` /
+    ``predict`` (which are jsonargparse too): one flag style, ``-c`` and ``--print_config`` everywhere."""
+    parser = ArgumentParser(prog="crslight", description="RLHF from implicit feedback for recommenders.",
+                            epilog="Training and testing: crslight {fit,validate,test,predict} -c CONFIG, the "
+                            "LightningCLI subcommands (crslight fit --help).")
+    sub = parser.add_subcommands(dest="command", required=True)
+
+    data = ArgumentParser(description="inspect a data source")
+    sub.add_subcommand("data", data, help="inspect a data source")
+    actions = data.add_subcommands(dest="action", required=True)
+    stats = _command(actions, "stats", "print one JSON object with a split's counts")
+    validate = _command(actions, "validate", "check a source without training: every problem with file, line and "
+                        "field; exit code 2 when the data cannot be used")
     for command in (stats, validate):
         command.add_argument("--dataset", required=True, help="redial, opendialkg, synthetic, logs, or a dataset an "
                              "installed plugin registers (crslight plugins lists them)")
@@ -47,7 +63,7 @@ def _tool_parser() -> argparse.ArgumentParser:
                              "entities")
     stats.add_argument("--split", default="train", choices=["train", "valid", "test"])
     stats.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and report how many")
-    export_logs = data.add_parser("export-logs", help="write a source in the interaction-log format (docs/logs.md)")
+    export_logs = _command(actions, "export-logs", "write a source in the interaction-log format (docs/logs.md)")
     export_logs.add_argument("--dataset", required=True, choices=["synthetic"])
     export_logs.add_argument("--out", required=True, help="a new (or empty) folder")
     export_logs.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
@@ -56,10 +72,10 @@ def _tool_parser() -> argparse.ArgumentParser:
     export_logs.add_argument("--n-eval-dialogues", type=int, default=None,
                              help="synthetic: valid and test dialogues (default: a fifth of --n-dialogues)")
 
-    plugins = sub.add_parser("plugins", help="list registered signals and metrics with their packages")
+    plugins = _command(sub, "plugins", "list registered signals and metrics with their packages")
     plugins.add_argument("--json", action="store_true")
 
-    sim = sub.add_parser("simulate", help="run episodes against a user simulator and print a JSON summary")
+    sim = _command(sub, "simulate", "run episodes against a user simulator and print a JSON summary")
     sim.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
     sim.add_argument("--root", default=None)
     sim.add_argument("--split", default="test", choices=["train", "valid", "test"])
@@ -69,7 +85,7 @@ def _tool_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-turns", type=int, default=3)
     sim.add_argument("--seed", type=int, default=0)
 
-    chat = sub.add_parser("chat", help="talk to a trained recommender in the terminal")
+    chat = _command(sub, "chat", "talk to a trained recommender in the terminal")
     chat.add_argument("--policy", required=True, help="a transformers folder (see `crslight export`) or alias")
     chat.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
     chat.add_argument("--root", default=None, help="catalogue source for linking titles to ids")
@@ -77,26 +93,32 @@ def _tool_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 decodes greedily")
     chat.add_argument("--seed", type=int, default=None, help="seed each reply's sampling")
 
-    export = sub.add_parser("export", help="write a checkpoint's policy as a transformers folder")
+    export = _command(sub, "export", "write a checkpoint's policy as a transformers folder")
     export.add_argument("--ckpt", required=True)
     export.add_argument("--out", required=True)
 
+    from crslight.ablation import configure_parser as configure_ablate
+    from crslight.compare import configure_parser as configure_compare
+    from crslight.pipeline import configure_parser as configure_pipeline
     from crslight.plots import configure_parser as configure_plot  # light: matplotlib is imported when drawing
 
-    configure_plot(sub.add_parser("plot", help="draw training curves (CSVLogger runs) and results bar charts as PNGs"))
-    from crslight.compare import configure_parser as configure_compare
-
-    configure_compare(sub.add_parser("compare", help="tests side by side, with paired bootstrap intervals"))
+    configure_plot(_command(sub, "plot", "draw training curves (CSVLogger runs) and results bar charts as PNGs"))
+    configure_compare(_command(sub, "compare", "tests side by side, with paired bootstrap intervals"))
+    configure_ablate(_command(sub, "ablate", "R_phi's held-out accuracy with each signal removed from the weak label"))
+    configure_pipeline(_command(sub, "pipeline", "the whole method: SFT, R_phi, PPO, then the test of every policy "
+                                "on the same simulated users"))
     return parser
 
 
 def run_tool(argv: list[str]) -> int:
-    args = _tool_parser().parse_args(argv)
-    if args.command == "data":
+    parsed = tool_parser().parse_args(argv)
+    command, args = parsed.command, parsed[parsed.command]
+    if command == "data":
         from crslight.data import DataError, load_corpus
 
-        if args.action != "stats":
-            return _data_tool(args)
+        action, args = args.action, args[args.action]
+        if action != "stats":
+            return _data_tool(action, args)
         try:
             corpus = load_corpus(args.dataset, args.root, args.split, skip_bad_rows=args.skip_bad_rows,
                                  seed=args.seed, n_dialogues=args.n_dialogues, catalogue=args.catalogue)
@@ -105,23 +127,23 @@ def run_tool(argv: list[str]) -> int:
             return 2
         print(json.dumps(corpus.stats(), default=_json_default))
         return 0
-    if args.command == "plugins":
+    if command == "plugins":
         from crslight.plugins import plugins_listing
 
         print(plugins_listing(as_json=args.json))
         return 0
-    if args.command == "simulate":
+    if command == "simulate":
         from crslight.simulator.cli import simulate
 
         print(json.dumps(simulate(dataset=args.dataset, root=args.root, policy=args.policy, episodes=args.episodes,
                                   max_turns=args.max_turns, seed=args.seed, split=args.split)))
         return 0
-    if args.command == "chat":
+    if command == "chat":
         from crslight.chat import chat
 
         return chat(args.policy, dataset=args.dataset, root=args.root, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, seed=args.seed)
-    if args.command == "export":
+    if command == "export":
         from crslight.export import export
         from crslight.modules.policy import NotAPolicyCheckpoint
 
@@ -131,11 +153,11 @@ def run_tool(argv: list[str]) -> int:
             print(f"crslight export: {error}", file=sys.stderr)
             return 2
         return 0
-    if args.command == "plot":
+    if command == "plot":
         from crslight.plots import run as run_plot
 
         return run_plot(args)
-    if args.command == "compare":
+    if command == "compare":
         from crslight.compare import CompareError, compare, report_text
 
         try:
@@ -148,14 +170,22 @@ def run_tool(argv: list[str]) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return 0
-    raise AssertionError(args.command)
+    if command == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
+        from crslight.ablation import run as run_ablate
+
+        return run_ablate(args)
+    if command == "pipeline":  # SFT -> reward -> PPO -> test of base / SFT / RLHF (crslight/pipeline.py)
+        from crslight.pipeline import run as run_pipeline
+
+        return run_pipeline(args)
+    raise AssertionError(command)
 
 
-def _data_tool(args: argparse.Namespace) -> int:
+def _data_tool(action: str, args) -> int:
     """``data validate`` and ``data export-logs``."""
     from crslight.data import DataError
 
-    if args.action == "validate":
+    if action == "validate":
         from crslight.data.validate import validate
 
         options = {"seed": args.seed, "n_dialogues": args.n_dialogues, "catalogue": args.catalogue}
@@ -207,15 +237,7 @@ def error_message(error: BaseException) -> str:
 
 
 def _dispatch(args: list[str], argv: list[str] | None) -> int:
-    if args and args[0] == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
-        from crslight.ablation import main as ablate_main
-
-        return ablate_main(args[1:])
-    if args and args[0] == "pipeline":  # SFT -> reward -> PPO -> test of base / SFT / RLHF (crslight/pipeline.py)
-        from crslight.pipeline import main as pipeline_main
-
-        return pipeline_main(args[1:])
-    if args and args[0] in TOOLS:
+    if not args or args[0] in TOOLS or args[0] in ("-h", "--help"):
         return run_tool(args)
     from crslight.lightning_cli import run_lightning_cli
 

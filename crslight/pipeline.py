@@ -28,7 +28,6 @@ with the ``=``).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -311,8 +310,8 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crslight pipeline", description=__doc__.split("\n\n")[0])
+def configure_parser(parser) -> None:
+    """Adds ``crslight pipeline``'s arguments to ``parser``."""
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "redial", "opendialkg"])
     parser.add_argument("--configs", default=None, help="folder with sft.yaml, reward.yaml, ppo.yaml "
                                                         "(default: configs/DATASET)")
@@ -326,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         parser.add_argument(f"--{stage}", default="", metavar="ARGS",
                             help=f"arguments for the {stage} fit only, after '=': --{stage}=\"--trainer.max_steps=100\"")
-    parser.add_argument("overrides", nargs="*", help="after --: --x.y=v given to every stage")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", default=[], help="after --: --x.y=v given to every stage")
+
+
+def run(args) -> int:
+    """Runs ``crslight pipeline`` on parsed arguments and prints the tables. Returns the exit code."""
     report = pipeline(args.dataset, args.out, args.configs, args.eval_episodes, args.eval_max_turns,
                       args.eval_max_new_tokens, args.overrides,
                       {stage: shlex.split(getattr(args, stage)) for stage in STAGES}, args.base_episodes)

@@ -21,7 +21,6 @@ changes the backend of the process that calls it (a notebook keeps its own).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -286,17 +285,16 @@ def plot_results(
     return out_png
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``crslight plot``'s arguments to ``parser`` (the CLI's subparser, or :func:`main`'s own)."""
+def configure_parser(parser) -> None:
+    """Adds ``crslight plot``'s arguments to ``parser`` (``crslight plot --logs DIR [--results FILE] --out DIR``)."""
     parser.add_argument("--logs", default=None, metavar="DIR", help="a CSVLogger run folder or a folder of runs (lightning_logs/)")
     parser.add_argument("--results", default=None, metavar="FILE", help="a results table: JSON list of {dataset, model, metrics...}")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
     parser.add_argument("--metrics", nargs="+", default=None, metavar="WORD", help="words that pick the curves (default: RL, else loss)")
     parser.add_argument("--smoothing", type=float, default=0.6, help="moving-average weight in [0, 1)")
-    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     """Runs ``crslight plot`` on parsed arguments; prints the files written, one a line. Returns the exit code."""
     if args.logs is None and args.results is None:
         print("crslight plot: nothing to plot; give --logs DIR and/or --results FILE", file=sys.stderr)
@@ -315,11 +313,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``crslight plot --logs DIR [--results FILE] --out DIR``."""
-    parser = configure_parser(argparse.ArgumentParser(prog="crslight plot", description="Plot training curves."))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

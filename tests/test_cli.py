@@ -20,6 +20,57 @@ def test_data_stats_on_a_folder_without_the_files(capsys, tmp_path, monkeypatch)
     assert "missing train_data.jsonl, test_data.jsonl, movies_with_mentions.csv" in err
 
 
+def test_data_stats_reads_its_options_from_a_config_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path))
+    config = tmp_path / "stats.yaml"
+    config.write_text("dataset: synthetic\nsplit: test\nn_dialogues: 30\n")
+    assert main(["data", "stats", "-c", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["dialogues"] == 6  # the file's 30 dialogues, not the default 1000
+    assert main(["data", "stats", "-c", str(config), "--n-dialogues", "60"]) == 0  # later flags win
+    assert json.loads(capsys.readouterr().out)["dialogues"] == 12
+
+
+#: every crslight subcommand, with the arguments it requires
+COMMANDS = {
+    "data stats": ["--dataset", "synthetic"],
+    "data validate": ["--dataset", "synthetic"],
+    "data export-logs": ["--dataset", "synthetic", "--out", "x"],
+    "plugins": [],
+    "simulate": [],
+    "chat": ["--policy", "x"],
+    "export": ["--ckpt", "x", "--out", "y"],
+    "plot": ["--out", "x"],
+    "compare": ["a", "b"],
+    "ablate": ["configs/synthetic/reward.yaml"],
+    "pipeline": ["--eval-episodes", "7"],
+    "fit": ["-c", "configs/synthetic/sft.yaml"],
+    "validate": ["-c", "configs/synthetic/sft.yaml"],
+    "test": ["-c", "configs/synthetic/sft.yaml"],
+    "predict": ["-c", "configs/synthetic/sft.yaml"],
+}
+
+
+def print_config(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_prints_its_config_and_reads_it_back_with_c(command, capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    printed = print_config([*command.split(), *COMMANDS[command]], capsys)
+    assert printed.strip(), f"crslight {command} --print_config printed nothing"
+    config = tmp_path / "config.yaml"
+    config.write_text(printed)
+    assert print_config([*command.split(), "-c", str(config)], capsys) == printed
+    if command == "pipeline":
+        assert "eval_episodes: 7" in printed
+
+
 def test_a_constructor_rejecting_an_option_ends_with_its_message(monkeypatch, capsys):
     from pathlib import Path
 

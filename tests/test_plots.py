@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-from crslight.plots import choose_figures, main, plot_results, plot_run, read_metrics, smooth, split_column
+from crslight.cli import main
+from crslight.plots import choose_figures, plot_results, plot_run, read_metrics, smooth, split_column
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,13 +129,13 @@ def test_cli_main_writes_and_lists_the_files(tmp_path, capsys):
     run = write_run(tmp_path / "logs", "ppo", 30, rl=True)
     results = tmp_path / "results.json"
     results.write_text(json.dumps(RESULTS))
-    assert main(["--logs", str(run), "--results", str(results), "--out", str(tmp_path / "out")]) == 0
+    assert main(["plot", "--logs", str(run), "--results", str(results), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out.split()
     assert str(tmp_path / "out" / "results.png") in printed and str(tmp_path / "out" / "reward.png") in printed
     assert all(png_size(type(tmp_path)(p)) for p in printed)
 
 
 def test_cli_main_errors_are_exit_2(tmp_path, capsys):
-    assert main(["--out", str(tmp_path)]) == 2
-    assert main(["--logs", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert main(["plot", "--out", str(tmp_path)]) == 2
+    assert main(["plot", "--logs", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "no log folder" in capsys.readouterr().err
