@@ -7,7 +7,7 @@ validation). A column ``stage/name[_step|_epoch]`` is one series of the figure `
 ``val/reward`` share ``reward.png``, ``train/loss_step`` and ``train/loss_epoch`` share ``loss.png``. Each series is
 drawn raw (faint) and smoothed with TensorBoard's debiased exponential moving average.
 
-Which figures: the RL curves, every metric whose name has the word ``reward``, ``kl`` or ``accept...`` in it, when the
+Which figures: the RL curves, every metric whose name has the word ``score``, ``reward``, ``kl`` or ``accept...`` in it, when the
 run has any; otherwise the ``loss`` curves (SFT, reward model); otherwise everything. ``metrics=`` picks words
 explicitly.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-RL_WORDS = ("reward", "kl", "accept")
+RL_WORDS = ("score", "reward", "kl", "accept")
 """Words that mark a run's RL curves (a metric name word equal to, or starting with, one of them; ``kl`` exactly)."""
 
 FALLBACK_WORDS = ("loss",)

@@ -1,4 +1,5 @@
-"""Mean satisfaction (or acceptance) over samples."""
+"""Mean satisfaction rating over episodes (other per-episode means, such as acceptance, are torchmetrics'
+``MeanMetric``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torchmetrics import Metric
 
 
 class Satisfaction(Metric):
-    """The mean of per-sample satisfaction values (e.g. a simulator's acceptance, a signal, a rating); NaN skipped.
+    """The mean satisfaction rating of episodes (the simulator's 1-5 satisfaction, or users' own ratings); NaN skipped.
 
     ``satisfaction = sum of the non-NaN values / their number`` (NaN before any value).
     """

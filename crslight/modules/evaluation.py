@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from crslight.metrics import Coherence, DistinctN, ItemCoverage, MRRAtK, NDCGAtK, RecallAtK, Satisfaction
 from crslight.models.retrieval import previous_mask
@@ -81,10 +82,10 @@ class ConversationEvaluator(nn.Module):
     def __init__(self, coherence_model: str = "minilm", reward_model: str | None = None):
         super().__init__()
         self.reward_model_path = reward_model
-        self.reward = Satisfaction() if reward_model else None
+        self.reward = MeanMetric(nan_strategy="ignore") if reward_model else None
         self.satisfaction = Satisfaction()
-        self.acceptance = Satisfaction()
-        self.turns = Satisfaction()
+        self.acceptance = MeanMetric()
+        self.turns = MeanMetric()
         self.distinct = DistinctN(n=(2,))
         self.coherence = Coherence(model=coherence_model) if coherence_model else None
         self.records: list[dict] = []  # one per episode of this rank, in the order added (episode_record)

@@ -321,8 +321,9 @@ def _single_turn_batch(contexts: list[list[dict]], replies: list[Reply], names: 
 
 def score(scorer: Scorer, batch: SignalBatch, judge: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Each reply's score: ``reward_weight`` times R_phi plus the weighted direct signals (NaN counted as 0), and their
-    means for logs. With ``reward_weight`` 0, R_phi only judges (its mean is logged as ``reward``), and not at all
-    unless ``judge`` (item alternatives, whose R_phi score would change nothing)."""
+    means for logs: ``score`` (the mean score), ``reward`` (R_phi's mean, when R_phi scored), ``signal/NAME``. With
+    ``reward_weight`` 0, R_phi only judges, and not at all unless ``judge`` (item alternatives, whose R_phi score would
+    change nothing)."""
     weight = scorer.reward_weight
     if (scorer.reward_model is None or not weight) and not scorer.signals:
         raise ValueError("PPOModule has no reward: set reward_model (a RewardModule checkpoint) with a reward_weight "
@@ -341,8 +342,7 @@ def score(scorer: Scorer, batch: SignalBatch, judge: bool = True) -> tuple[torch
         check_scores(values, f"signal {signal.name}", allow_nan=True)
         metrics[f"signal/{signal.name}"] = float(values.nan_to_num(0.0).mean())
         scores += signal_weight * values.nan_to_num(0.0)
-    metrics["score"] = float(scores.mean())
-    metrics.setdefault("reward", metrics["score"])
+    metrics["score"] = float(scores.mean())  # what PPO maximises; ``reward`` is only ever R_phi's mean
     metrics["seconds_scoring"] = time.perf_counter() - start
     return scores, metrics
 

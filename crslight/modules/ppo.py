@@ -202,8 +202,8 @@ class PPOModule(PolicyModule):
         model: Policy: an alias (``smollm2``), a transformers folder or a hub id. Also the tokenizer's source.
         init_from: The SFT policy to start from (and the KL reference): an ``SFTModule`` checkpoint or a folder.
         reward_model: A ``RewardModule`` checkpoint (R_phi). ``None``: the reward is the direct signals alone.
-        reward_weight: R_phi's weight in the score; 0 keeps R_phi as a judge only (``train/reward`` is logged, the
-            score is the signals').
+        reward_weight: R_phi's weight in the score; 0 keeps R_phi as a judge only (``train/reward`` logs its mean,
+            ``train/score`` the signals' score).
         reward_device: Device for R_phi (``cpu``, ``cuda:1``); ``None`` puts it with the policy.
         signals: Direct reward signals by class name (``AcceptanceSignal`` ...), read from the simulated reactions.
         signal_weights: One weight per signal (1.0 each when ``None``).
@@ -641,14 +641,14 @@ class PPOModule(PolicyModule):
         }
         if self.uses_critic:
             metrics["value"] = masked_mean(exp.values, mask)
-        progress = {"reward", "kl", "accept"}
+        progress = {"score", "kl", "accept"}
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
             self.log(f"train/{key}", value, prog_bar=key in progress, sync_dist=True, batch_size=mask.shape[0])
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Episodes of the current policy on the eval split (the same episodes at every validation): ``val/reward``
-        (mean R_phi), ``val/accept``, ``val/satisfaction``, ``val/kl`` (per reply, to the reference) and more."""
+        """Episodes of the current policy on the eval split (the same episodes at every validation): ``val/score``,
+        ``val/reward`` (mean R_phi, with R_phi), ``val/accept``, ``val/satisfaction``, ``val/kl`` (per reply, to the reference) and more."""
         episodes = self.score(self.collect(batch, "validate", batch_idx))
         logprobs = self.rollout_logprobs(episodes.samples)
         mask = episodes.samples.response_mask[:, episodes.samples.start :].to(self.device).bool()
@@ -657,7 +657,7 @@ class PPOModule(PolicyModule):
                    "entropy": masked_mean(logprobs.entropy, mask)}
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-            self.log(f"val/{key}", value, prog_bar=key in ("reward", "accept"), sync_dist=True,
+            self.log(f"val/{key}", value, prog_bar=key in ("score", "accept"), sync_dist=True,
                      batch_size=len(batch.input_ids))
 
     def update(self, samples: Samples, exp: Experience) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ def test_score_weighs_r_phi_and_the_signals():
     judged, metrics = score(Scorer(_Reward(), 0.0, [AcceptanceSignal()], [1.0]), batch)
     assert judged.tolist() == [1.0, 0.0] and metrics["reward"] == 3.0
     _, metrics = score(Scorer(_Reward(), 0.0, [AcceptanceSignal()], [1.0]), batch, judge=False)
-    assert metrics["reward"] == metrics["score"] == 0.5
+    assert "reward" not in metrics and metrics["score"] == 0.5  # ``reward`` is R_phi's mean, never the score
     with pytest.raises(ValueError, match="no reward"):
         score(Scorer(_Reward(), 0.0), batch)
 

@@ -56,13 +56,13 @@ def test_ppo_smoke(tiny_recommender, tiny_reward, options):
         if param.requires_grad:
             assert not torch.equal(param, before[name]), f"{name} did not change"
     metrics = {k.removeprefix("train/"): v.item() for k, v in trainer.callback_metrics.items() if "val/" not in k}
-    expected = {"reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "response_length", "policy_loss"}
+    expected = {"score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "response_length", "policy_loss"}
     if options.get("simulator"):
         expected |= {"accept", "satisfaction", "turns"}
     if options.get("advantage_estimator") != "grpo":
         expected |= {"value_loss", "value"}
     assert expected <= metrics.keys()
-    assert {f"val/{key}" for key in ("reward", "kl", "response_length")} <= trainer.callback_metrics.keys()
+    assert {f"val/{key}" for key in ("score", "kl", "response_length")} <= trainer.callback_metrics.keys()
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert 0 < metrics["response_length"] <= 8
     assert metrics["learning_replies"] > 0  # R_phi scores every reply differently: every step has advantages
