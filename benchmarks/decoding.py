@@ -33,7 +33,7 @@ def build(model_name: str):
 
 def prompts_for(tokenizer, batch: int) -> list[list[int]]:
     from crslight.data.synthetic import USER_MOODS
-    from crslight.data.tokenize import encode_prompt
+    from crslight.models.tokenize import encode_prompt
 
     openers = [f"Hi! {opener}. Can you recommend a movie?" for _, _, opener in USER_MOODS.values()]
     return [encode_prompt(tokenizer, [{"role": "seeker", "text": openers[i % len(openers)], "items": []}])

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from crslight.data.datamodules import OpenDialKG, ReDial
-from crslight.data.tokenize import ITEM_TOKEN
 from crslight.models.engine import Engine, EnginePolicy
+from crslight.models.tokenize import ITEM_TOKEN
 from crslight.modules.evaluation import run_episodes
 from crslight.modules.policy import find_checkpoint, load_policy_checkpoint
 

@@ -1,7 +1,7 @@
 """``crslight chat``: talk to a trained recommender in the terminal.
 
 The conversation is kept as schema turns (``crslight.schema``) and every reply is generated from exactly the
-prompt the policy was trained on: :func:`crslight.data.tokenize.encode_prompt` with the same system prompt, i.e. the
+prompt the policy was trained on: :func:`crslight.models.tokenize.encode_prompt` with the same system prompt, i.e. the
 tokenizer's chat template with the assistant header appended. Generation stops at the end of the assistant's turn
 (EOS plus the template's end-of-turn tokens, :func:`crslight.simulator.lm.stop_token_ids`). The titles in each reply are
 linked to catalogue ids with the :class:`~crslight.simulator.linker.ItemLinker` over the chosen dataset's catalogue, as
@@ -29,8 +29,8 @@ from typing import TextIO
 
 import torch
 
-from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from crslight.models.loading import DEFAULT_POLICY
+from crslight.models.tokenize import DEFAULT_SYSTEM_PROMPT, encode_prompt
 from crslight.schema import RECOMMENDER, SEEKER, turn
 from crslight.simulator.linker import ItemLinker
 from crslight.simulator.lm import stop_token_ids

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_heap()
     args = sys.argv[1:] if argv is None else list(argv)
-    from crslight.data.errors import DataError
+    from crslight.errors import DataError
     from crslight.guards import NonFiniteError
 
     try:

@@ -112,9 +112,9 @@ def tiny_recommender(tiny_tokenizer, tmp_path_factory):
     so that rollouts recommend items without training first. Read it, never write into it."""
     import torch
 
-    from crslight.data.tokenize import encode_prompt
     from crslight.models.loading import tiny_causal_lm
     from crslight.models.retrieval import decoder_of
+    from crslight.models.tokenize import encode_prompt
 
     model = tiny_causal_lm(tiny_tokenizer, seed=0)
     prompts = [encode_prompt(tiny_tokenizer, [{"role": "seeker", "text": text, "items": []}])

@@ -105,3 +105,35 @@ def test_layers_schema_signals_data_simulator():
     assert graph["crslight.simulator.base"] == {"crslight.schema"}
     assert [m for m, deps in graph.items() if "crslight.data.schema" in deps] == []
     assert [m for m, deps in graph.items() if "crslight.simulator.cli" in deps] == ["crslight.cli"]
+
+
+#: crslight's layers, bottom first: a module imports only from its own layer and the layers below it
+LAYERS = (
+    {"schema", "plugins", "guards", "errors"},  # plain definitions, nothing of crslight above them
+    {"models"},  # backbones, loading, chat-template tokenisation, item scores, the decoding engine
+    {"metrics", "signals", "rl"},  # what the models are measured and rewarded with; the RL math
+    {"data"},  # corpora and DataModules
+    {"simulator"},  # simulated users and the conversation environment
+    {"modules"},  # the LightningModules
+    {"cli", "lightning_cli", "pipeline", "ablation", "compare", "chat", "export", "plots"},  # the commands
+)
+
+
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else module
+    return next(i for i, layer in enumerate(LAYERS) if part in layer)
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, d) for m, deps in graph.items() if m != "crslight" for d in deps if layer_of(d) > layer_of(m))
+
+
+def test_every_arrow_points_down_the_layers():
+    graph = import_graph()
+    assert {m.split(".")[1] for m in graph if "." in m} <= set().union(*LAYERS)  # every package has its layer
+    assert upward_arrows(graph) == []
+
+
+def test_the_layer_check_sees_an_arrow_up():
+    graph = {"crslight.models.loading": {"crslight.data.errors"}, "crslight.data.errors": set()}
+    assert upward_arrows(graph) == [("crslight.models.loading", "crslight.data.errors")]

@@ -8,7 +8,7 @@
 The test split is always read as whole dialogues (:class:`SFTBatch` with its recommendation samples), whatever the
 task, so evaluation encodes each dialogue once and reads every recommender turn from that one pass.
 
-Tokenisation uses the policy's chat template (``crslight.data.tokenize``); it happens in ``setup``, once per split.
+Tokenisation uses the policy's chat template (``crslight.models.tokenize``); it happens in ``setup``, once per split.
 The training loader saves its place in the epoch into checkpoints, so a run resumed mid-epoch goes on with the batches
 an uninterrupted run would see (:mod:`crslight.data.resumable`).
 """
@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from crslight.data.corpus import Corpus, load_corpus
 from crslight.data.pairs import PairOptions, make_pair_data, pair_loader
 from crslight.data.resumable import ResumableLoader, ShuffleSampler
-from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 from crslight.guards import require_positive
+from crslight.models.tokenize import DEFAULT_SYSTEM_PROMPT, encode_dialogue, encode_prompt
 from crslight.schema import RECOMMENDER, context_lines, rec_samples_of
 
 IGNORE_INDEX = -100
@@ -42,7 +42,7 @@ class SFTBatch(NamedTuple):
             causal LMs expect).
         rec_row: ``(n,)`` the batch row of each recommendation sample.
         rec_position: ``(n,)`` the position whose hidden state scores the catalogue: the recommendation slot
-            (:data:`~crslight.data.tokenize.ITEM_TOKEN`) of the item; in the test split the turn's first slot for every
+            (:data:`~crslight.models.tokenize.ITEM_TOKEN`) of the item; in the test split the turn's first slot for every
             item of the turn (the protocol ranks once per turn: no item of the reply is seen), and the last token of
             the role header for a turn whose items have no slot.
         rec_target: ``(n,)`` the catalogue row of the item the turn mentions.

@@ -6,21 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crslight.errors import DataError
 
-class DataError(ValueError):
-    """A source file is missing or malformed.
-
-    Args:
-        path: the file (or folder) at fault.
-        message: what was expected.
-        line: 1-based line (JSONL) or row (CSV, header excluded) number, when known.
-        field: the field at fault, when known.
-    """
-
-    def __init__(self, path: str | Path, message: str, line: int | None = None, field: str | None = None):
-        self.path, self.line, self.field, self.message = str(path), line, field, message
-        where = self.path + (f", line {line}" if line is not None else "") + (f", field {field!r}" if field else "")
-        super().__init__(f"{where}: {message}")
+__all__ = ["DataError", "LoadReport", "check_ids", "parse_json", "read_text", "require_files"]
 
 
 @dataclass

@@ -17,31 +17,9 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
+from crslight.models.retrieval import target_ranks
 
-def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The 1-based rank of each target among the non-excluded items (ties pessimistic).
-
-    Args:
-        scores: ``(b, n_items)`` scores, higher is better.
-        target: ``(b,)`` long, the relevant item's column.
-        exclude: ``(b, n_items)`` bool, items left out of the ranking.
-
-    Returns:
-        ``(b,)`` float ranks; ``inf`` for a sample whose target is excluded.
-    """
-    if scores.ndim != 2 or target.shape != scores.shape[:1]:
-        raise ValueError(f"expected scores (b, n_items) and target (b,), got {tuple(scores.shape)} and "
-                         f"{tuple(target.shape)}")
-    target = target.long()
-    target_score = scores.gather(1, target[:, None])
-    ahead = scores >= target_score
-    ahead.scatter_(1, target[:, None], False)
-    if exclude is not None:
-        ahead &= ~exclude.bool()
-    ranks = 1.0 + ahead.sum(1).to(torch.float64)
-    if exclude is not None:
-        ranks[exclude.bool().gather(1, target[:, None]).squeeze(1)] = math.inf
-    return ranks
+__all__ = ["ItemCoverage", "MRRAtK", "NDCGAtK", "RecallAtK", "target_ranks"]
 
 
 class _RankingMetric(Metric):

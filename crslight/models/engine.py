@@ -7,7 +7,7 @@ Every place that samples a reply (PPO rollouts, the test's simulated episodes, `
 2. **Decode** one token per row and step with the cache. A row's next token is, in this order:
 
    - the next token of a title being written in (forced: context, not an action);
-   - after the slot token (:data:`~crslight.data.tokenize.ITEM_TOKEN`) was fed (also as a prompt's last token, which
+   - after the slot token (:data:`~crslight.models.tokenize.ITEM_TOKEN`) was fed (also as a prompt's last token, which
      makes the reply start with a recommendation), the first title token of the item
      drawn from the policy's item scores at that state (:meth:`~crslight.models.retrieval.ItemHead.log_probs`:
      sampled in rollouts, best-first with ``greedy_items``), items already mentioned in the context, and those drawn
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaModel
 
-from crslight.data.tokenize import ITEM_TOKEN, title_text
 from crslight.models.decoder import LeanLlama, lean_decoder
 from crslight.models.heads import position_ids_from_attention_mask
 from crslight.models.retrieval import ItemHead, decoder_of
+from crslight.models.tokenize import ITEM_TOKEN, title_text
 from crslight.schema import context_lines
 
 # the KV cache's keyword in the transformer body's forward: ``cache`` in transformers 5, ``past_key_values`` before

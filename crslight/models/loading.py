@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from crslight.errors import DataError
+
 DEFAULT_POLICY = "smollm2"
 """Alias of the default policy, SmolLM2-135M-Instruct."""
 
@@ -159,8 +161,6 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if path.is_dir():
         return str(path.resolve())
     if looks_like_a_path(name_or_path):
-        from crslight.data.errors import DataError
-
         raise DataError(name_or_path, "no such model folder or file: expected a transformers folder, a .gguf file, a "
                         "crslight checkpoint or run folder (init_from), or an alias (smollm2, minilm)")
     return str(name_or_path)
@@ -207,7 +207,7 @@ def load_tokenizer(
     an existing distinct special token (the unk token, e.g. ``<|endoftext|>``) becomes the pad token,
     so ``input_ids != pad_token_id`` never masks out a real end-of-turn token. Only when there is none
     does the pad token fall back to EOS. No token is added for that, so the vocabulary size is unchanged; only
-``item_token`` adds one, the policy's recommendation slot (:data:`crslight.data.tokenize.ITEM_TOKEN`), and a model
+``item_token`` adds one, the policy's recommendation slot (:data:`crslight.models.tokenize.ITEM_TOKEN`), and a model
 then needs :func:`fit_vocabulary`.
 
     Args:
@@ -231,7 +231,7 @@ then needs :func:`fit_vocabulary`.
             tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     if item_token:
-        from crslight.data.tokenize import ITEM_TOKEN
+        from crslight.models.tokenize import ITEM_TOKEN
 
         if ITEM_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([ITEM_TOKEN], special_tokens=True)

@@ -40,6 +40,7 @@ ranks a held-out split best.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -47,9 +48,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crslight.metrics.ranking import target_ranks
-
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The 1-based rank of each target among the non-excluded items (ties pessimistic): what the item scores are
+    fitted on here and what the ranking metrics (:mod:`crslight.metrics.ranking`) average.
+
+    Args:
+        scores: ``(b, n_items)`` scores, higher is better.
+        target: ``(b,)`` long, the relevant item's column.
+        exclude: ``(b, n_items)`` bool, items left out of the ranking.
+
+    Returns:
+        ``(b,)`` float ranks; ``inf`` for a sample whose target is excluded.
+    """
+    if scores.ndim != 2 or target.shape != scores.shape[:1]:
+        raise ValueError(f"expected scores (b, n_items) and target (b,), got {tuple(scores.shape)} and "
+                         f"{tuple(target.shape)}")
+    target = target.long()
+    target_score = scores.gather(1, target[:, None])
+    ahead = scores >= target_score
+    ahead.scatter_(1, target[:, None], False)
+    if exclude is not None:
+        ahead &= ~exclude.bool()
+    ranks = 1.0 + ahead.sum(1).to(torch.float64)
+    if exclude is not None:
+        ranks[exclude.bool().gather(1, target[:, None]).squeeze(1)] = math.inf
+    return ranks
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -458,7 +484,7 @@ def choose_text_weight(head: ItemHead, data: SlotData, output_embeddings: torch.
                        ) -> tuple[float, dict[float, float]]:
     """Scales the fitted text part by the weight (of ``weights``) whose scores rank ``data`` (a held-out split) best:
     the highest sum of Recall@k over ``ks`` (the whole catalogue ranked, ties pessimistic, as the test protocol ranks
-    it: :func:`~crslight.metrics.ranking.target_ranks`), the smaller
+    it: :func:`target_ranks`), the smaller
     weight on a tie, the other scores as they are. Returns ``(weight, {weight: that sum})``.
 
     Recall, not the cross-entropy: on ReDial the cross-entropy asks for six times the weight that ranks best (the

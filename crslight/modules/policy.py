@@ -27,13 +27,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel
 
-from crslight.data.tokenize import ITEM_TOKEN, title_text
 from crslight.guards import load_weights
 from crslight.models.engine import Engine
 from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead, text_windows
+from crslight.models.tokenize import ITEM_TOKEN, title_text
 from crslight.modules.evaluation import PolicyEvaluator
 from crslight.modules.rng import restore_rng_states, save_rng_states
 

@@ -2,7 +2,7 @@
 
 :func:`generate_chat` is shared by :class:`~crslight.simulator.policies.LMPolicy` (the model plays the recommender)
 and :class:`LMSimulator` (the model plays the seeker): the prompt comes from
-:func:`crslight.data.tokenize.encode_prompt`, the one prompt builder of training, rollouts, evaluation and chat (the
+:func:`crslight.models.tokenize.encode_prompt`, the one prompt builder of training, rollouts, evaluation and chat (the
 tokenizer's chat template, rendered turn by turn), then crslight's decoding engine (:mod:`crslight.models.engine`, the
 one every reply goes through) decodes the batch with its KV cache, stopping at the end of the assistant's turn (the
 EOS token plus the end-of-turn tokens of the common templates: ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crslight.data.tokenize import encode_prompt
+from crslight.models.tokenize import encode_prompt
 from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import Reaction, UserSimulator, UserState
 

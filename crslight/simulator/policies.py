@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from crslight.data import synthetic
-from crslight.data.tokenize import DEFAULT_SYSTEM_PROMPT
+from crslight.models.tokenize import DEFAULT_SYSTEM_PROMPT
 from crslight.schema import RECOMMENDER, SEEKER
 from crslight.simulator.base import catalogue_rows
 from crslight.simulator.env import Policy
@@ -299,9 +299,9 @@ def make_policy(name: str, corpus, seed: int = 0, root: str | None = None, train
 def engine_policy(folder: str, item_scores: tuple, seed: int = 0) -> Policy:
     """An exported policy folder with its item scores (``crslight export``) as an environment policy: replies decoded
     by the engine (temperature 0.8, top-k 50), the best item not yet mentioned drawn at each recommendation slot."""
-    from crslight.data.tokenize import encode_prompt
     from crslight.models.engine import Engine, EnginePolicy
     from crslight.models.loading import load_causal_lm, load_tokenizer
+    from crslight.models.tokenize import encode_prompt
 
     head, item_ids, names = item_scores
     model, tokenizer = load_causal_lm(folder).eval(), load_tokenizer(folder, padding_side="left", item_token=True)

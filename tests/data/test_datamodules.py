@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crslight.data.datamodules import IGNORE_INDEX, PromptBatch, SFTBatch, Synthetic, pad
-from crslight.data.tokenize import encode_dialogue, encode_prompt
+from crslight.models.tokenize import encode_dialogue, encode_prompt
 
 
 def datamodule(tokenizer, **kwargs):

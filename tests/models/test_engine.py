@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from crslight.data.tokenize import encode_prompt
 from crslight.models.engine import Engine, Reply
 from crslight.models.retrieval import ItemHead, decoder_of
+from crslight.models.tokenize import encode_prompt
 from crslight.modules.rollout import pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,9 +192,9 @@ def test_lean_forward_equals_the_llama_body_on_left_padded_prompts_and_cached_st
 
 
 def test_lean_decoding_reads_lora_and_trained_token_rows_and_follows_weight_updates(tiny_tokenizer):
-    from crslight.data.tokenize import ITEM_TOKEN
     from crslight.models.loading import tiny_causal_lm
     from crslight.models.lora import apply_lora
+    from crslight.models.tokenize import ITEM_TOKEN
 
     slot = tiny_tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
     model = apply_lora(tiny_causal_lm(tiny_tokenizer, seed=1), r=4, alpha=8, dropout=0.0,

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
-from crslight.data.tokenize import encode_prompt
 from crslight.guards import NonFiniteError
 from crslight.models.engine import Generation, Reply
 from crslight.models.retrieval import decoder_of
+from crslight.models.tokenize import encode_prompt
 from crslight.modules.experience import RunningMoments, turn_returns
 from crslight.modules.ppo import PPOModule, allocate_adam_state
 from crslight.modules.rollout import EnginePolicy, pack

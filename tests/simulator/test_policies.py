@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from crslight.data.tokenize import encode_prompt
 from crslight.models.engine import Engine
+from crslight.models.tokenize import encode_prompt
 from crslight.schema import turn
 from crslight.simulator import lm
 from crslight.simulator.grounded import GroundedSimulator

@@ -137,7 +137,7 @@ def encode_dialogue(
         if at < 0:
             raise ValueError(
                 f"the tokenizer's chat template does not render turn {i - offset} as an extension of the turns before "
-                "it; crslight needs a ChatML-style template (see crslight/data/tokenize.py)"
+                "it; crslight needs a ChatML-style template (see crslight/models/tokenize.py)"
             )
         add(new[:at], False)  # the role header
         starts.append(len(ids))
