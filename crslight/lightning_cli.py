@@ -209,6 +209,9 @@ class CRSLightningCLI(LightningCLI):
         with naming_refused_file(f"--ckpt_path {self.config[subcommand].get('ckpt_path')}" if subcommand else ""):
             super()._parse_ckpt_path()
         drop_retired_arguments(self.config[subcommand].get("model") if subcommand else None)
+        model = self.config[subcommand].get("model") if subcommand else None
+        if model is not None and str(model.get("class_path", "")).endswith("RewardModule") and ckpt_path:
+            model["init_args"]["init_from"] = None  # the checkpoint holds every R_phi weight: no warm start to read
         data = self.config[subcommand].get("data.init_args") if subcommand else None
         if linked and data.get("tokenizer") == DEFAULT_TOKENIZER:  # no hyper-parameters read: the config's policy
             data["tokenizer"] = self.config[subcommand]["model.init_args"].get("model", policy)

@@ -45,7 +45,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import BertConfig, BertModel
 
 from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
-from crslight.guards import check_loss, naming_refused_file, require_positive
+from crslight.guards import check_loss, load_weights, naming_refused_file, require_positive
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
@@ -135,6 +135,9 @@ class RewardModule(LightningModule):
             ``" | "`` and the catalogue's name and attributes of every item it recommends appended (``The Silent River
             (2013): calm drama 2010s``), so a reply naming the wrong item for this seeker scores lower whatever its
             words say. The catalogue comes from the DataModule at ``fit`` and is saved in the checkpoint.
+        init_from: Start from a trained R_phi's weights (a ``RewardModule`` checkpoint, or a run folder: its newest
+            ``.ckpt``) instead of the backbone's: a refresh on new logs warm-starts here (``crslight refresh``). The
+            architecture options must be the ones it was trained with; the optimizer and schedule start afresh.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class RewardModule(LightningModule):
         init_seed: int = 0,
         trust_remote_code: bool = False,
         read_items: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         require_positive(lr=lr)
@@ -207,6 +211,31 @@ class RewardModule(LightningModule):
                 self.head.proj.weight[:, 2 * hidden:] = 1.0
         self.metrics = nn.ModuleDict({"val": _stage_metrics(), "test": _stage_metrics()})
         self.item_facts: dict[str, str] = {}
+        if init_from:
+            self.warm_start(init_from)
+
+    def warm_start(self, path: str | Path) -> None:
+        """Loads a trained R_phi's weights (and its catalogue facts) into this one (``init_from``).
+
+        Raises:
+            ValueError: the checkpoint is not an R_phi of this architecture (the message names it and what differs).
+        """
+        from crslight.modules.policy import find_checkpoint
+
+        checkpoint = find_checkpoint(path)
+        if checkpoint is None:
+            raise ValueError(f"init_from {path}: no such R_phi checkpoint or run folder")
+        state = load_weights(checkpoint)
+        weights = state.get("state_dict") if isinstance(state, dict) else None
+        if not weights or not any(k.startswith("head.") for k in weights):
+            raise ValueError(f"init_from {checkpoint}: not a RewardModule checkpoint (no R_phi head in its weights)")
+        try:
+            self.load_state_dict(weights)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise ValueError(f"init_from {checkpoint}: its R_phi does not fit this configuration (keep its backbone, "
+                             f"encoding and lora options): {first}") from None
+        self.item_facts = dict(state.get(ITEM_FACTS_KEY, {}))
 
     @staticmethod
     def _freeze_lower(model: nn.Module, trainable_layers: int) -> None:
@@ -356,14 +385,12 @@ class RewardModule(LightningModule):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> RewardModule:
         """A trained R_phi in eval mode, from a ``.ckpt`` or a folder holding checkpoints (its newest ``.ckpt``)."""
-        path = Path(path)
-        if path.is_dir():
-            ckpts = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if not ckpts:
-                raise FileNotFoundError(f"no .ckpt file under {path}")
-            path = ckpts[-1]
+        from crslight.modules.policy import find_checkpoint
+
+        path = find_checkpoint(path) or Path(path)
         with naming_refused_file(path):
-            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True).eval()
+            # init_from=None: the file holds every weight, its run's starting point is not needed (nor read)
+            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, init_from=None).eval()
 
     # -- training -----------------------------------------------------------------------------------------------------
     def losses(self, scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:

@@ -154,6 +154,28 @@ def test_checkpoint_round_trip_gives_identical_scores(batch, tmp_path):
     assert torch.equal(RewardModule.load(tmp_path).score(batch), expected)  # a folder: its newest checkpoint
 
 
+def test_init_from_warm_starts_from_a_trained_r_phi(batch, tmp_path):
+    """A refresh's R_phi starts from the previous one's weights; its own checkpoint then loads without that file."""
+    module = RewardModule(backbone="tiny", lr=1e-2, head_lr=1e-2, warmup_steps=0)
+    trainer = fit(module, steps=2, tmp_path=tmp_path)
+    first = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(first)
+    trained = module.eval().score(batch)
+    assert not torch.allclose(RewardModule(backbone="tiny").eval().score(batch), trained)  # training moved it
+    warm = RewardModule(backbone="tiny", init_from=str(tmp_path), lr=1e-2, warmup_steps=0)  # a folder: newest .ckpt
+    assert torch.equal(warm.eval().score(batch), trained)
+    trainer = fit(warm.train(), steps=1, tmp_path=tmp_path / "second")
+    second = tmp_path / "second.ckpt"
+    trainer.save_checkpoint(second)
+    expected = warm.eval().score(batch)
+    first.unlink()
+    assert torch.equal(RewardModule.load(second).score(batch), expected)  # the run's init_from is not read again
+    with pytest.raises(ValueError, match="does not fit this configuration"):
+        RewardModule(backbone="tiny", backbone_tokenizer="minilm", init_from=str(second))
+    with pytest.raises(ValueError, match="no such R_phi checkpoint"):
+        RewardModule(backbone="tiny", init_from=str(tmp_path / "missing.ckpt"))
+
+
 def test_trainer_precision_decides_the_backbones_and_the_head_stays_float32(batch):
     """No flag of R_phi's own: ``trainer.precision: bf16-mixed`` runs the backbone under bf16 autocast (Lightning's
     precision plugin), while pooling and the head compute in float32; ``32-true`` runs all in float32."""
