@@ -20,9 +20,10 @@ import torch
 
 from crslight.data.datamodules import OpenDialKG, ReDial
 from crslight.models.engine import Engine, EnginePolicy
+from crslight.models.loading import find_checkpoint
 from crslight.models.tokenize import ITEM_TOKEN
 from crslight.modules.evaluation import run_episodes
-from crslight.modules.policy import find_checkpoint, load_policy_checkpoint
+from crslight.modules.policy import load_policy_checkpoint
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import time
 import torch
 
 from crslight.data.datamodules import OpenDialKG, ReDial
+from crslight.models.loading import find_checkpoint
 from crslight.models.retrieval import ItemHead, previous_mask
-from crslight.modules.policy import find_checkpoint
 from crslight.schema import context_lines
 from crslight.simulator.grounded import GroundedSimulator
 

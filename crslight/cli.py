@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "compare", "ablate", "pipeline")
+TOOLS = ("data", "plugins", "simulate", "chat", "export", "plot", "compare", "ablate", "pipeline", "refresh")
 
 
 def _json_default(value):
@@ -101,12 +101,15 @@ def tool_parser() -> ArgumentParser:
     from crslight.compare import configure_parser as configure_compare
     from crslight.pipeline import configure_parser as configure_pipeline
     from crslight.plots import configure_parser as configure_plot  # light: matplotlib is imported when drawing
+    from crslight.refresh import configure_parser as configure_refresh
 
     configure_plot(_command(sub, "plot", "draw training curves (CSVLogger runs) and results bar charts as PNGs"))
     configure_compare(_command(sub, "compare", "tests side by side, with paired bootstrap intervals"))
     configure_ablate(_command(sub, "ablate", "R_phi's held-out accuracy with each signal removed from the weak label"))
     configure_pipeline(_command(sub, "pipeline", "the whole method: SFT, R_phi, PPO, then the test of every policy "
                                 "on the same simulated users"))
+    configure_refresh(_command(sub, "refresh", "new logs: R_phi warm-started, a short PPO, and a gate that promotes "
+                               "the new policy unless it is worse beyond the interval"))
     return parser
 
 
@@ -178,6 +181,10 @@ def run_tool(argv: list[str]) -> int:
         from crslight.pipeline import run as run_pipeline
 
         return run_pipeline(args)
+    if command == "refresh":  # new logs: R_phi, PPO, gate (crslight/refresh.py)
+        from crslight.refresh import run as run_refresh
+
+        return run_refresh(args)
     raise AssertionError(command)
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from crslight.models.loading import find_checkpoint
 from crslight.models.retrieval import save_item_scores
-from crslight.modules.policy import find_checkpoint, load_policy_checkpoint, merge_lora
+from crslight.modules.policy import load_policy_checkpoint, merge_lora
 
 
 def export(ckpt: Path, out: Path) -> str:

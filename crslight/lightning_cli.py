@@ -139,7 +139,7 @@ def checked_checkpoint(ckpt_path: str) -> Path | str:
     command here with a message and exit code 2, instead of a traceback from deep inside ``torch.load``."""
     import zipfile
 
-    from crslight.modules.policy import find_checkpoint
+    from crslight.models.loading import find_checkpoint
 
     def fail(why: str) -> None:
         print(f"error: --ckpt_path {ckpt_path}: {why}", file=sys.stderr)

@@ -312,7 +312,8 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
 
 def configure_parser(parser) -> None:
     """Adds ``crslight pipeline``'s arguments to ``parser``."""
-    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "redial", "opendialkg"])
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "redial", "opendialkg", "logs"],
+                        help="the configs/DATASET folder to run (logs: your own, docs/logs.md)")
     parser.add_argument("--configs", default=None, help="folder with sft.yaml, reward.yaml, ppo.yaml "
                                                         "(default: configs/DATASET)")
     parser.add_argument("--out", default=None, help="where the runs go (default: runs/pipeline/DATASET)")

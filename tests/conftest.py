@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 # folder per test, which would make the session fixtures re-convert the tokenizer from GGUF (5 s).
 _CACHE_AT_START = os.environ.get("CRSLIGHT_CACHE")
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 def shared_folder(name: str) -> Path:
@@ -104,6 +105,44 @@ def tiny_policy(tiny_tokenizer, tmp_path_factory):
     tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def shrunk_config(dataset: str, stage: str, tiny_policy: str) -> dict:
+    """configs/DATASET/STAGE.yaml with a tiny model, a few steps and a small corpus (everything else as shipped)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / dataset / f"{stage}.yaml").read_text())
+    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
+    trainer.update(enable_progress_bar=False, enable_model_summary=False, precision="32-true")
+    data.update(batch_size=4)
+    if dataset == "synthetic":
+        data.update(n_dialogues=30)
+    if stage == "reward":
+        model["backbone"] = "tiny"
+        trainer.update(max_steps=3, val_check_interval=3)
+    else:
+        model["model"] = tiny_policy
+        data.update(max_length=96)  # the tokenizer follows the model
+        if stage == "sft":
+            trainer.update(max_steps=3, val_check_interval=3, limit_val_batches=1)
+        else:
+            model.update(max_new_tokens=6, minibatch_size=4, micro_batch_size=4)
+            trainer.update(limit_train_batches=2, limit_val_batches=1)
+    return config
+
+
+@pytest.fixture
+def shrunk_configs(tiny_policy):
+    """Writes configs/DATASET's sft, reward and ppo configs, shrunk (:func:`shrunk_config`), into a folder."""
+    import yaml
+
+    def write(dataset: str, folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        for stage in ("sft", "reward", "ppo"):
+            (folder / f"{stage}.yaml").write_text(yaml.safe_dump(shrunk_config(dataset, stage, tiny_policy)))
+        return folder
+
+    return write
 
 
 @pytest.fixture(scope="session")

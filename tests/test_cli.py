@@ -43,6 +43,7 @@ COMMANDS = {
     "compare": ["a", "b"],
     "ablate": ["configs/synthetic/reward.yaml"],
     "pipeline": ["--eval-episodes", "7"],
+    "refresh": ["--logs", "x"],
     "fit": ["-c", "configs/synthetic/sft.yaml"],
     "validate": ["-c", "configs/synthetic/sft.yaml"],
     "test": ["-c", "configs/synthetic/sft.yaml"],

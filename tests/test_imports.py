@@ -115,7 +115,7 @@ LAYERS = (
     {"data"},  # corpora and DataModules
     {"simulator"},  # simulated users and the conversation environment
     {"modules"},  # the LightningModules
-    {"cli", "lightning_cli", "pipeline", "ablation", "compare", "chat", "export", "plots"},  # the commands
+    {"cli", "lightning_cli", "pipeline", "refresh", "ablation", "compare", "chat", "export", "plots"},  # commands
 )
 
 

@@ -6,42 +6,14 @@ import pytest
 import yaml
 
 from crslight.cli import main
-from crslight.models import tiny_causal_lm
 from crslight.pipeline import comparison_table, differences_table, paired_intervals
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _shrunk(stage: str, tiny_policy: str) -> dict:
-    """configs/synthetic/STAGE.yaml with a tiny model, a few steps and a small corpus (everything else as shipped)."""
-    config = yaml.safe_load((REPO / "configs" / "synthetic" / f"{stage}.yaml").read_text())
-    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
-    trainer.update(enable_progress_bar=False, enable_model_summary=False, precision="32-true")
-    data.update(n_dialogues=30, batch_size=4)
-    if stage == "reward":
-        model["backbone"] = "tiny"
-        trainer.update(max_steps=3, val_check_interval=3)
-    else:
-        model["model"] = tiny_policy
-        data.update(max_length=96)  # the tokenizer follows the model
-        if stage == "sft":
-            trainer.update(max_steps=3, val_check_interval=3, limit_val_batches=1)
-        else:
-            model.update(max_new_tokens=6, minibatch_size=4, micro_batch_size=4)
-            trainer.update(limit_train_batches=2, limit_val_batches=1)
-    return config
-
-
 @pytest.fixture
-def tiny_configs(tiny_tokenizer, tmp_path):
-    policy = tmp_path / "tiny_policy"
-    tiny_causal_lm(tiny_tokenizer, seed=0).save_pretrained(policy)
-    tiny_tokenizer.save_pretrained(policy)
-    folder = tmp_path / "configs"
-    folder.mkdir()
-    for stage in ("sft", "reward", "ppo"):
-        (folder / f"{stage}.yaml").write_text(yaml.safe_dump(_shrunk(stage, str(policy))))
-    return folder
+def tiny_configs(shrunk_configs, tmp_path):
+    return shrunk_configs("synthetic", tmp_path / "configs")
 
 
 def test_pipeline_runs_every_stage_and_prints_the_comparison(tiny_configs, tmp_path, capsys):

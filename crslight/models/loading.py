@@ -166,6 +166,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return str(name_or_path)
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """``path`` itself when it is a file; the newest ``.ckpt`` under a folder that is not a transformers folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no .ckpt file under {path} (and it is not a transformers folder)")
+        return found[-1]
+    return None
+
+
 def looks_like_a_path(name: str | os.PathLike) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id (``org/name``): it starts with ``/``, ``.`` or
     ``~``, has more than one ``/``, ends like a file (``.ckpt``, ``.gguf``, ``.safetensors``, ``.bin``), or its folder

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from crslight.guards import load_weights
 from crslight.models.engine import Engine
-from crslight.models.loading import fit_vocabulary, load_causal_lm, load_tokenizer
+from crslight.models.loading import find_checkpoint, fit_vocabulary, load_causal_lm, load_tokenizer
 from crslight.models.lora import apply_lora, has_adapters
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead, text_windows
@@ -83,19 +83,6 @@ def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = 
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
     return module.to(map_location).eval()
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """``path`` itself when it is a file; the newest ``.ckpt`` under a folder that is not a transformers folder."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"no .ckpt file under {path} (and it is not a transformers folder)")
-        return found[-1]
-    return None
 
 
 def load_initial_policy(

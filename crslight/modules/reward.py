@@ -47,7 +47,7 @@ from transformers import BertConfig, BertModel
 from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
 from crslight.guards import check_loss, load_weights, naming_refused_file, require_positive
 from crslight.models.heads import ScalarHead, gather_last_token
-from crslight.models.loading import load_backbone, load_tokenizer, tiny_causal_lm
+from crslight.models.loading import find_checkpoint, load_backbone, load_tokenizer, tiny_causal_lm
 from crslight.models.lora import apply_lora
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import attribute_words
@@ -220,8 +220,6 @@ class RewardModule(LightningModule):
         Raises:
             ValueError: the checkpoint is not an R_phi of this architecture (the message names it and what differs).
         """
-        from crslight.modules.policy import find_checkpoint
-
         checkpoint = find_checkpoint(path)
         if checkpoint is None:
             raise ValueError(f"init_from {path}: no such R_phi checkpoint or run folder")
@@ -385,8 +383,6 @@ class RewardModule(LightningModule):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> RewardModule:
         """A trained R_phi in eval mode, from a ``.ckpt`` or a folder holding checkpoints (its newest ``.ckpt``)."""
-        from crslight.modules.policy import find_checkpoint
-
         path = find_checkpoint(path) or Path(path)
         with naming_refused_file(path):
             # init_from=None: the file holds every weight, its run's starting point is not needed (nor read)

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from crslight.data.datamodules import Synthetic
 from crslight.data.pairs import PairOptions
-from crslight.modules.policy import find_checkpoint
+from crslight.models.loading import find_checkpoint
 from crslight.modules.ppo import PPOModule
 from crslight.modules.reward import RewardModule
 from crslight.modules.sft import SFTModule

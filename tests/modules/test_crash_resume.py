@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import crslight
-from crslight.modules.policy import find_checkpoint
+from crslight.models.loading import find_checkpoint
 
 SCRIPT = Path(__file__).with_name("crash_run.py")
 
