@@ -62,6 +62,20 @@ def _fit(config: Path, out: Path, name: str, extra: list[str]):
     return Path(path)
 
 
+class Steps:
+    """Runs a command's steps, keeping each one's wall time (``seconds[step]``) and printing it when it ends."""
+
+    def __init__(self, command: str):
+        self.command, self.seconds = command, {}
+
+    def __call__(self, step: str, fn, *args):
+        start = time.time()
+        result = fn(*args)
+        self.seconds[step] = round(time.time() - start, 1)
+        print(f"[crslight {self.command}] {step}: {self.seconds[step]:.0f} s", flush=True)
+        return result
+
+
 class TestRun(NamedTuple):
     """What one policy's test left: its metrics (``test/`` prefix removed), its episode records, its DataModule."""
 
@@ -263,15 +277,9 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
     stage_args = {stage: list((stage_args or {}).get(stage) or []) for stage in STAGES}
     evaluation = [f"--model.eval_episodes={eval_episodes}", f"--model.eval_max_turns={eval_max_turns}",
                   f"--model.eval_max_new_tokens={eval_max_new_tokens}"]
-    seconds: dict[str, float] = {}
+    timed = Steps("pipeline")
+    seconds = timed.seconds
     ckpt: dict[str, Path] = {}
-
-    def timed(step: str, fn, *args):
-        start = time.time()
-        result = fn(*args)
-        seconds[step] = round(time.time() - start, 1)
-        print(f"[crslight pipeline] {step}: {seconds[step]:.0f} s", flush=True)
-        return result
 
     no_validation = ["--trainer.limit_val_batches=0"]  # each policy is judged by the tests below instead
     ckpt["sft"] = timed("fit sft", _fit, configs / "sft.yaml", out, "sft", [*no_validation, *extra, *stage_args["sft"]])

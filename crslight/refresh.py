@@ -26,11 +26,18 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 from pathlib import Path
 
 from crslight.errors import DataError
-from crslight.pipeline import INTERVAL_METRICS, _fit, _test, comparison_table, differences_table, paired_intervals
+from crslight.pipeline import (
+    INTERVAL_METRICS,
+    Steps,
+    _fit,
+    _test,
+    comparison_table,
+    differences_table,
+    paired_intervals,
+)
 
 #: the configs a refresh reads from ``--configs``
 CONFIGS = ("reward.yaml", "ppo.yaml", "sft.yaml")
@@ -113,14 +120,7 @@ def refresh(logs: str | Path, out: str | Path = "runs/refresh", configs: str | P
     folder.mkdir(parents=True)
     extra = [f"--data.init_args.root={logs}", *(extra or [])]
     stage_args = {stage: list((stage_args or {}).get(stage) or []) for stage in ("reward", "ppo")}
-    seconds: dict[str, float] = {}
-
-    def timed(step: str, fn, *args):
-        start = time.time()
-        result = fn(*args)
-        seconds[step] = round(time.time() - start, 1)
-        print(f"[crslight refresh] {step}: {seconds[step]:.0f} s", flush=True)
-        return result
+    timed = Steps("refresh")
 
     new_reward = timed("fit reward", _fit, configs / "reward.yaml", folder, "reward",
                        [f"--model.init_args.init_from={reward}", *extra, *stage_args["reward"]])
@@ -155,7 +155,7 @@ def refresh(logs: str | Path, out: str | Path = "runs/refresh", configs: str | P
                  "rule": "promote unless the 95% interval of candidate - current lies below 0",
                  "promoted": promoted},
         "results": {name: run.metrics for name, run in runs.items()}, "intervals": intervals,
-        "differences_vs_current": differences, "current": pair, "seconds": seconds,
+        "differences_vs_current": differences, "current": pair, "seconds": timed.seconds,
     }
     (folder / "refresh.json").write_text(json.dumps(record, indent=2) + "\n")
     (folder / "refresh.md").write_text(report_text(record) + "\n")

@@ -166,7 +166,7 @@ def test_ppo_configs_instantiate(path, monkeypatch):
     else:
         assert module.simulator == "auto"  # the dataset's default (crslight.simulator.env.default_simulator)
     assert len(module.signals) == len(module.signal_weights)
-    assert len(CONFIGS) == 3
+    assert len(CONFIGS) == 4  # logs, opendialkg, redial, synthetic
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

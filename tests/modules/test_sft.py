@@ -215,7 +215,7 @@ def test_sft_configs_instantiate(path, monkeypatch):
                           run=False, auto_configure_optimizers=False, args=["-c", str(path), "--trainer.logger=false"])
     assert isinstance(cli.model, SFTModule) and cli.model.policy is None  # the policy loads in configure_model
     assert cli.datamodule.task == "sft" and cli.datamodule.tokenizer_name == cli.model.hparams.model
-    assert len(CONFIGS) == 3
+    assert len(CONFIGS) == 4  # logs, opendialkg, redial, synthetic
 
 
 def test_a_non_finite_loss_stops_sft_before_the_optimizer_steps(tiny_policy, monkeypatch):
