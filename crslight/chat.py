@@ -200,8 +200,9 @@ def chat(
     Args:
         policy: a transformers model folder (``crslight export`` writes one), a ``.gguf`` file or an alias
             (``smollm2``).
-        dataset: whose catalogue the replies' titles are linked to: ``synthetic``, ``redial`` or ``opendialkg``.
-        root: the dataset's folder (not for ``synthetic``).
+        dataset: whose catalogue the replies' titles are linked to: ``synthetic``, ``redial``, ``opendialkg`` or
+            ``logs``.
+        root: the dataset's folder, or the logs folder (not for ``synthetic``).
         max_new_tokens: longest reply, in tokens.
         input_fn: reads one line given the prompt (``input``); raises ``EOFError`` at the end of input.
         output: where replies go (default ``sys.stdout``). Errors go to ``sys.stderr``.

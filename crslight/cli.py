@@ -76,8 +76,8 @@ def tool_parser() -> ArgumentParser:
     plugins.add_argument("--json", action="store_true")
 
     sim = _command(sub, "simulate", "run episodes against a user simulator and print a JSON summary")
-    sim.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
-    sim.add_argument("--root", default=None)
+    sim.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic", "logs"])
+    sim.add_argument("--root", default=None, help="the dataset's folder; for logs, the logs folder (docs/logs.md)")
     sim.add_argument("--split", default="test", choices=["train", "valid", "test"])
     sim.add_argument("--policy", default="popularity",
                      help="random, popularity, popularity-catalogue, oracle (synthetic), or a model folder / alias")
@@ -87,7 +87,7 @@ def tool_parser() -> ArgumentParser:
 
     chat = _command(sub, "chat", "talk to a trained recommender in the terminal")
     chat.add_argument("--policy", required=True, help="a transformers folder (see `crslight export`) or alias")
-    chat.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic"])
+    chat.add_argument("--dataset", default="synthetic", choices=["redial", "opendialkg", "synthetic", "logs"])
     chat.add_argument("--root", default=None, help="catalogue source for linking titles to ids")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 decodes greedily")

@@ -1,7 +1,7 @@
 """``crslight simulate``: run a policy against the simulated users of a dataset split and summarise the episodes.
 
 The environment is :func:`crslight.simulator.env.build_environment`'s, with the simulator that fits each source (a
-``GroundedSimulator`` for ReDial and OpenDialKG, a ``PersonaSimulator`` for the synthetic scenario: see there). The
+``GroundedSimulator`` for ReDial, OpenDialKG and logs, a ``PersonaSimulator`` for the synthetic scenario: see there). The
 policy is a name (:data:`~crslight.simulator.policies.POLICIES`) or anything
 :func:`crslight.models.loading.load_causal_lm` loads (``smollm2``, a model folder, a ``.gguf`` file), built by
 :func:`crslight.simulator.policies.make_policy`. This module holds the command only; library code never imports it.
@@ -26,8 +26,8 @@ def simulate(
     """Runs ``episodes`` episodes of ``policy`` against the dataset's simulated users.
 
     Args:
-        dataset: ``redial``, ``opendialkg`` or ``synthetic``.
-        root: the dataset's folder (None for ``synthetic``).
+        dataset: ``redial``, ``opendialkg``, ``synthetic`` or ``logs`` (a team's own, docs/logs.md).
+        root: the dataset's folder, or the logs folder (None for ``synthetic``).
         policy: ``random``, ``popularity``, ``popularity-catalogue``, ``oracle`` (synthetic), ``smollm2`` or a
             transformers model folder.
         episodes: number of episodes.

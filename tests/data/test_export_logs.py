@@ -83,3 +83,15 @@ def test_export_never_overwrites(exported, capsys):
     assert main(["data", "export-logs", "--dataset", "synthetic", "--out", str(exported)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in exported.rglob("*")) == before
+
+
+def test_simulate_meets_the_users_of_a_logs_folder(exported, capsys):
+    """``crslight simulate --dataset logs``: the logs' test conversations as grounded users (what each one took up,
+    had seen or disliked, from the events); without ``--root`` the command names what is missing."""
+    assert main(["simulate", "--dataset", "logs", "--root", str(exported), "--policy", "popularity",
+                 "--episodes", "20", "--max-turns", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dataset"] == "logs" and summary["episodes"] == 20
+    assert sum(summary["endings"].values()) == 20 and 0 <= summary["acceptance_rate"] <= 1
+    assert main(["simulate", "--dataset", "logs", "--policy", "popularity"]) == 2  # no --root: named, exit 2
+    assert "--root is required for logs" in capsys.readouterr().err
