@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from crslight.guards import naming_refused_file
+from crslight.models.lora import RETIRED_LORA_ARGUMENTS, upgrade_lora_hparams
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,17 @@ def policy_tokenizer(model: str, tokenizer: str | None) -> str:
 
 
 def drop_retired_arguments(model_config) -> None:
-    """Lets ``--ckpt_path`` read a checkpoint written before two arguments were retired (its hyper-parameters arrive
-    as ``dict_kwargs`` the class no longer takes): R_phi's ``bf16`` is dropped (``trainer.precision`` decides), and
-    PPO's ``simulator_args`` become the named simulator's ``init_args``."""
+    """Lets ``--ckpt_path`` read a checkpoint written before arguments were retired (its hyper-parameters arrive as
+    ``dict_kwargs`` the class no longer takes): R_phi's ``bf16`` is dropped (``trainer.precision`` decides), the flat
+    ``lora_r`` / ``lora_alpha`` / ``lora_dropout`` / ``lora_target_modules`` become the ``lora`` group, and PPO's
+    ``simulator_args`` become the named simulator's ``init_args``."""
     extra = model_config.get("dict_kwargs") if model_config is not None else None
     if not extra:
         return
     extra.pop("bf16", None)
+    retired = {key: extra.pop(key) for key in RETIRED_LORA_ARGUMENTS if key in extra}
+    if retired and model_config.get("init_args.lora") is True:  # lora: true, lora_r: 8 -> lora: {r: 8, ...}
+        model_config["init_args"]["lora"] = upgrade_lora_hparams({"lora": True, **retired})["lora"]
     simulator_args = extra.pop("simulator_args", None)
     simulator = model_config.get("init_args.simulator")
     if simulator_args and simulator is not None and not isinstance(simulator, str):

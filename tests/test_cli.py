@@ -147,6 +147,11 @@ def test_checkpoint_arguments_retired_since_are_dropped_or_moved():
                     dict_kwargs={"simulator_args": {"leave_step": 0.5}})
     drop_retired_arguments(ppo)
     assert ppo.dict_kwargs == {} and ppo.init_args.simulator.init_args == Namespace(noise=0.3, leave_step=0.5)
+    sft = Namespace(class_path="SFTModule", init_args=Namespace(lora=True),
+                    dict_kwargs={"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1})
+    drop_retired_arguments(sft)  # the flat LoRA arguments become the lora group, with the checkpoint's rank
+    assert sft.dict_kwargs == {}
+    assert sft.init_args.lora == {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}
 
 
 def test_bf16_autocast_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch, capsys):

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crslight.cli import main
 from crslight.data.datamodules import Synthetic
 from crslight.export import export
+from crslight.models.lora import LoRAConfig
 from crslight.modules.policy import merge_lora
 from crslight.modules.ppo import PPOModule
 from crslight.modules.sft import SFTModule
@@ -42,7 +43,7 @@ def _check_round_trip(module, out, tokenizer):
 
 
 def test_export_merges_sft_lora(tiny_policy, tiny_tokenizer, tmp_path):
-    module = SFTModule(model=tiny_policy, lr=1e-2, lora=True, lora_r=4, lora_dropout=0.0)
+    module = SFTModule(model=tiny_policy, lr=1e-2, lora=LoRAConfig(r=4, dropout=0.0))
     module = _train_and_save(module, "sft", tiny_policy, tmp_path / "sft.ckpt")
     assert export(tmp_path / "sft.ckpt", tmp_path / "out") == str(tmp_path / "out")
     _check_round_trip(module, tmp_path / "out", tiny_tokenizer)
@@ -50,6 +51,25 @@ def test_export_merges_sft_lora(tiny_policy, tiny_tokenizer, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_policy)
     assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight,
                            AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[0].self_attn.q_proj.weight)
+
+
+def test_a_checkpoint_with_the_old_flat_lora_arguments_still_loads_and_exports(tiny_policy, tiny_tokenizer, tmp_path):
+    """Checkpoints written before the ``lora`` group (``lora: true, lora_r: 4, ...``) load with their own rank."""
+    from crslight.guards import load_weights
+    from crslight.modules.policy import load_policy_checkpoint
+
+    module = SFTModule(model=tiny_policy, lr=1e-2, lora=LoRAConfig(r=4, alpha=8, dropout=0.0))
+    module = _train_and_save(module, "sft", tiny_policy, tmp_path / "sft.ckpt")
+    checkpoint = load_weights(tmp_path / "sft.ckpt")
+    assert checkpoint["hyper_parameters"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                      "target_modules": "all-linear"}  # a plain dict
+    checkpoint["hyper_parameters"].update(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                          lora_target_modules="all-linear")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = load_policy_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.hparams.lora == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    export(tmp_path / "old.ckpt", tmp_path / "out")
+    _check_round_trip(module, tmp_path / "out", tiny_tokenizer)
 
 
 def test_export_ppo_checkpoint_through_the_cli(tiny_policy, tiny_tokenizer, tmp_path, capsys):
@@ -66,7 +86,7 @@ def test_export_ppo_checkpoint_through_the_cli(tiny_policy, tiny_tokenizer, tmp_
 def test_export_writes_the_item_scores_beside_the_policy(tiny_policy, tmp_path):
     from crslight.models.retrieval import load_item_scores
 
-    module = SFTModule(model=tiny_policy, lr=1e-2, lora=True, lora_r=4, lora_dropout=0.0)
+    module = SFTModule(model=tiny_policy, lr=1e-2, lora=LoRAConfig(r=4, dropout=0.0))
     module = _train_and_save(module, "sft", tiny_policy, tmp_path / "sft.ckpt")
     export(tmp_path / "sft.ckpt", tmp_path / "out")
     head, item_ids, names = load_item_scores(tmp_path / "out")

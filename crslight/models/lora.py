@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -21,12 +22,64 @@ from transformers import PreTrainedModel
 _ADAPTER_LAYERS = (BaseTunerLayer, AuxiliaryTrainingWrapper)
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters: what a module's ``lora`` option holds (``lora: {r: 16, alpha: 32}`` in YAML; ``lora: true`` is
+    these defaults, ``lora: null`` or ``false`` trains every weight instead).
+
+    Args:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator; the update is multiplied by ``alpha / r``.
+        dropout: Dropout on the adapters' input (keep 0 for PPO: its ratios need a deterministic policy).
+        target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head, ``None`` peft's
+            default for the architecture (``q_proj``/``v_proj`` on Llama).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = "all-linear"
+
+
+#: the flat LoRA arguments of checkpoints written before :class:`LoRAConfig`, and the field each one became
+RETIRED_LORA_ARGUMENTS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                          "lora_target_modules": "target_modules"}
+
+
+def lora_config(value: LoRAConfig | dict | bool | None) -> LoRAConfig | None:
+    """A ``lora`` option as a :class:`LoRAConfig`, or None for no adapters: ``True`` is the defaults, a dict (a
+    checkpoint's hyper-parameters) its fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return LoRAConfig()
+    if isinstance(value, dict):
+        return LoRAConfig(**value)
+    if isinstance(value, LoRAConfig):
+        return value
+    raise TypeError(f"lora must be true/false, null or a mapping of {', '.join(LoRAConfig.__dataclass_fields__)}; "
+                    f"got {value!r}")
+
+
+def lora_hparam(value: LoRAConfig | dict | bool | None) -> dict | None:
+    """A ``lora`` option as saved in hyper-parameters: a plain dict (checkpoints load with ``weights_only=True``,
+    which refuses any class of ours), or None."""
+    config = lora_config(value)
+    return asdict(config) if config is not None else None
+
+
+def upgrade_lora_hparams(hparams: dict) -> dict:
+    """A checkpoint's hyper-parameters with the retired flat arguments (``lora: true, lora_r: 8, ...``) folded into
+    ``lora`` (``{"r": 8, ...}``), so checkpoints written before :class:`LoRAConfig` load; others are unchanged."""
+    retired = {field: hparams.pop(key) for key, field in RETIRED_LORA_ARGUMENTS.items() if key in hparams}
+    if retired and hparams.get("lora") is True:
+        hparams["lora"] = asdict(LoRAConfig(**retired))
+    return hparams
+
+
 def apply_lora(
     model: PreTrainedModel,
-    r: int = 16,
-    alpha: int = 32,
-    dropout: float = 0.05,
-    target_modules: list[str] | str | None = "all-linear",
+    config: LoRAConfig,
     trainable_tokens: list[int] | None = None,
 ) -> PeftModel:
     """Wraps ``model`` with fresh LoRA adapters; only the adapters are trainable afterwards.
@@ -38,11 +91,7 @@ def apply_lora(
     Args:
         model: A transformers model. Causal LMs become ``PeftModelForCausalLM`` (``generate`` works),
             anything else a feature-extraction peft model.
-        r: Rank of the update matrices.
-        alpha: Scaling numerator; the update is multiplied by ``alpha / r``.
-        dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt, ``"all-linear"`` (every linear layer except the output
-            head), or ``None`` for peft's default for the architecture (``q_proj``/``v_proj`` on Llama).
+        config: The adapters (:class:`LoRAConfig`).
         trainable_tokens: Token ids whose embedding rows train too (input and tied output rows; peft's
             ``trainable_token_indices``): a token added to the vocabulary, such as the recommendation slot, has no
             trained embedding to adapt. Their trained rows are saved with the adapters and merged with them.
@@ -52,10 +101,10 @@ def apply_lora(
     """
     is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
         trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
         task_type=TaskType.CAUSAL_LM if is_causal_lm else TaskType.FEATURE_EXTRACTION,
     )

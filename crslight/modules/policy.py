@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from crslight.guards import load_weights
 from crslight.models.engine import Engine
 from crslight.models.loading import find_checkpoint, fit_vocabulary, load_causal_lm, load_tokenizer
-from crslight.models.lora import apply_lora, has_adapters
+from crslight.models.lora import LoRAConfig, apply_lora, has_adapters, lora_config, upgrade_lora_hparams
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead, text_windows
 from crslight.models.tokenize import ITEM_TOKEN, title_text
@@ -71,7 +71,7 @@ def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = 
         raise NotAPolicyCheckpoint(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    hparams = upgrade_lora_hparams(dict(checkpoint.get("hyper_parameters", {})))
     if not hparams.get("lora"):
         hparams["init_from"] = None  # every weight is in the file: no need to load the run's starting point
     accepted = inspect.signature(cls.__init__).parameters
@@ -122,11 +122,8 @@ class PolicyModule(LightningModule):
         init_from: Start from these weights instead of ``model``'s: a crslight checkpoint (LoRA merged) or a folder.
         dtype: Parameter dtype of the policy (``float32``; ``bfloat16`` halves memory). For bf16 autocast with float32
             weights set ``trainer.precision: bf16-mixed`` instead.
-        lora: Train LoRA adapters instead of all weights.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is multiplied by ``alpha / r``).
-        lora_dropout: Dropout on the adapters' input.
-        lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
+        lora: Train LoRA adapters (:class:`~crslight.models.lora.LoRAConfig`: ``r``, ``alpha``, ``dropout``,
+            ``target_modules``; ``true`` for its defaults) instead of all weights (``null``).
         gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         trust_remote_code: Allow custom modelling code from the model folder.
         item_text_turns: A new item head (none carried over from ``init_from``) gets a text part reading the
@@ -143,11 +140,7 @@ class PolicyModule(LightningModule):
         model: str = "smollm2",
         init_from: str | None = None,
         dtype: str = "float32",
-        lora: bool = False,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | str | None = "all-linear",
+        lora: LoRAConfig | bool | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         item_text_turns: int | list[int] = 0,
@@ -162,7 +155,7 @@ class PolicyModule(LightningModule):
         self.item_catalogue: dict[str, list[str]] | None = None  # from a checkpoint: {"item_id": [...], "name": [...]}
         self._tokenizer = None
         # With LoRA a checkpoint holds only the trainable weights; the frozen base comes back from model / init_from.
-        self.strict_loading = not lora
+        self.strict_loading = lora_config(lora) is None
 
     # -- building ---------------------------------------------------------------------------------------------------
     @property
@@ -200,8 +193,7 @@ class PolicyModule(LightningModule):
         if hp.lora:
             if hp.gradient_checkpointing:
                 policy.enable_input_require_grads()
-            policy = apply_lora(policy, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
-                                target_modules=hp.lora_target_modules, trainable_tokens=[slot])
+            policy = apply_lora(policy, lora_config(hp.lora), trainable_tokens=[slot])
         self.policy = policy.train()  # from_pretrained returns eval mode; PPO switches dropout off itself
         self.build_extra()
         if self.item_head is None:

@@ -89,7 +89,7 @@ from torch.utils.hooks import RemovableHandle
 from crslight.data.datamodules import PromptBatch
 from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.heads import ScalarHead
-from crslight.models.lora import apply_lora, disabled_adapters
+from crslight.models.lora import LoRAConfig, apply_lora, disabled_adapters, lora_config, lora_hparam
 from crslight.models.memory import release_heap
 from crslight.modules.experience import (
     Episodes,
@@ -264,11 +264,8 @@ class PPOModule(PolicyModule):
             gradient (:func:`step_in_backward`): the same steps, with one set of gradients less at the memory peak.
             Needs ``micro_batch_size == minibatch_size``, ``gradient_clip_val: null`` and one process.
         dtype: Parameter dtype of the policy; for bf16 autocast use ``trainer.precision: bf16-mixed``.
-        lora: Train LoRA adapters (the reference is then the same model with adapters off).
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the adapters' input (keep 0: PPO ratios need a deterministic policy).
-        lora_target_modules: Modules to adapt.
+        lora: Train LoRA adapters (``r``, ``alpha``, ``dropout``: keep 0, PPO ratios need a deterministic policy;
+            ``target_modules``; ``true`` for the defaults); the reference is then the same model with adapters off.
         gradient_checkpointing: Recompute activations in the backward pass.
         trust_remote_code: Allow custom modelling code from the model folder.
         item_text_model: The sentence encoder of the item scores' text part, when ``init_from``'s scores have one.
@@ -324,11 +321,7 @@ class PPOModule(PolicyModule):
         gradient_clip_val: float | None = 1.0,
         optimizer_in_backward: bool = False,
         dtype: str = "float32",
-        lora: bool = False,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | str | None = "all-linear",
+        lora: LoRAConfig | bool | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         item_text_model: str = "minilm",
@@ -339,8 +332,9 @@ class PPOModule(PolicyModule):
     ) -> None:
         require_positive(lr=lr, max_new_tokens=max_new_tokens, item_temperature=item_temperature)
         require_non_negative(kl_coef=kl_coef, warmup_steps=warmup_steps, ppo_epochs=ppo_epochs, temperature=temperature)
-        super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                         gradient_checkpointing, trust_remote_code, item_text_model=item_text_model)
+        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
+        super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code,
+                         item_text_model=item_text_model)
         if micro_batch_size < 1 or minibatch_size < micro_batch_size:
             raise ValueError(f"need 1 <= micro_batch_size <= minibatch_size, got {micro_batch_size}, {minibatch_size}")
         if signal_weights is not None and len(signal_weights) != len(signals or []):
@@ -387,9 +381,7 @@ class PPOModule(PolicyModule):
             if self.hparams.critic == "separate":
                 backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
                 if self.hparams.lora:
-                    backbone = apply_lora(backbone, r=self.hparams.lora_r, alpha=self.hparams.lora_alpha,
-                                          dropout=self.hparams.lora_dropout,
-                                          target_modules=self.hparams.lora_target_modules)
+                    backbone = apply_lora(backbone, lora_config(self.hparams.lora))
                 self.critic_backbone = backbone
         if not self.hparams.lora:
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)

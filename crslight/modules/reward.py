@@ -48,7 +48,7 @@ from crslight.data.pairs import PAIR_KINDS, RewardBatch, render_context
 from crslight.guards import check_loss, load_weights, naming_refused_file, require_positive
 from crslight.models.heads import ScalarHead, gather_last_token
 from crslight.models.loading import find_checkpoint, load_backbone, load_tokenizer, tiny_causal_lm
-from crslight.models.lora import apply_lora
+from crslight.models.lora import LoRAConfig, apply_lora, lora_config, lora_hparam, upgrade_lora_hparams
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import attribute_words
 from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
@@ -121,11 +121,8 @@ class RewardModule(LightningModule):
         trainable_layers: Train only the top N transformer blocks (embeddings and lower blocks frozen); None trains
             all; 0 freezes the backbone (only the head trains: no backward pass through the backbone). Ignored with
             ``lora``.
-        lora: Train LoRA adapters (and the head) instead of the backbone's weights.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the adapters' input.
-        lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer.
+        lora: Train LoRA adapters (and the head) instead of the backbone's weights (``r``, ``alpha``, ``dropout``,
+            ``target_modules``; ``true`` for the defaults; ``null``: no adapters).
         head_dropout: Dropout on the pooled state before the head.
         dtype: Parameter dtype of the backbone.
         score_batch_size: Samples per forward pass in :meth:`score`.
@@ -162,11 +159,7 @@ class RewardModule(LightningModule):
         min_lr_ratio: float = 0.1,
         gradient_clip_val: float | None = 1.0,
         trainable_layers: int | None = None,
-        lora: bool = False,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | str | None = "all-linear",
+        lora: LoRAConfig | bool | None = None,
         head_dropout: float = 0.1,
         dtype: str = "float32",
         score_batch_size: int = 64,
@@ -183,6 +176,7 @@ class RewardModule(LightningModule):
             raise ValueError(f"loss must be 'bradley_terry', 'regression' or 'both', got {loss!r}")
         if max_reply_tokens >= max_tokens:
             raise ValueError("max_reply_tokens must be smaller than max_tokens")
+        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(backbone_tokenizer or ("smollm2" if backbone == TINY else backbone),
@@ -198,7 +192,7 @@ class RewardModule(LightningModule):
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # BERT's pooler is not used: it would be a parameter that never trains
         if lora:
-            model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+            model = apply_lora(model, lora_config(lora))
         elif trainable_layers is not None:
             self._freeze_lower(model, trainable_layers)
         # from_pretrained returns eval mode: a backbone that trains gets its dropout back; a frozen one stays deterministic
@@ -384,9 +378,11 @@ class RewardModule(LightningModule):
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> RewardModule:
         """A trained R_phi in eval mode, from a ``.ckpt`` or a folder holding checkpoints (its newest ``.ckpt``)."""
         path = find_checkpoint(path) or Path(path)
+        hparams = upgrade_lora_hparams(dict(load_weights(path).get("hyper_parameters") or {}))
         with naming_refused_file(path):
             # init_from=None: the file holds every weight, its run's starting point is not needed (nor read)
-            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, init_from=None).eval()
+            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, init_from=None,
+                                            lora=hparams.get("lora")).eval()
 
     # -- training -----------------------------------------------------------------------------------------------------
     def losses(self, scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:

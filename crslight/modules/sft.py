@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from crslight.data.datamodules import IGNORE_INDEX, SFTBatch
 from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
+from crslight.models.lora import LoRAConfig, lora_hparam
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
 from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.policy import PolicyModule
@@ -70,11 +71,8 @@ class SFTModule(PolicyModule):
         accumulate_grad_batches: Batches per optimizer step (gradient accumulation).
         gradient_clip_val: Clip the gradients' global norm to this; ``None`` or 0 for no clipping.
         dtype: Parameter dtype of the policy; for bf16 autocast use ``trainer.precision: bf16-mixed``.
-        lora: Train LoRA adapters instead of all weights.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the adapters' input.
-        lora_target_modules: Modules to adapt; ``all-linear`` is every linear layer but the output head.
+        lora: Train LoRA adapters (``r``, ``alpha``, ``dropout``, ``target_modules``; ``true`` for the defaults)
+            instead of all weights (``null``).
         gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
         trust_remote_code: Allow custom modelling code from the model folder.
         ranking_loss_weight: Weight of the item-ranking head's catalogue cross-entropy beside the LM loss (0: off); its
@@ -129,11 +127,7 @@ class SFTModule(PolicyModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
         dtype: str = "float32",
-        lora: bool = False,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | str | None = "all-linear",
+        lora: LoRAConfig | bool | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         ranking_loss_weight: float = 1.0,
@@ -158,8 +152,9 @@ class SFTModule(PolicyModule):
         require_non_negative(weight_decay=weight_decay, warmup_steps=warmup_steps,
                              item_text_tune_epochs=item_text_tune_epochs)
         require_positive(item_text_tune_lr=item_text_tune_lr)
-        super().__init__(model, init_from, dtype, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                         gradient_checkpointing, trust_remote_code, item_text_turns, item_text_model)
+        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
+        super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code, item_text_turns,
+                         item_text_model)
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.save_hyperparameters()

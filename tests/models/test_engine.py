@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from crslight.models.engine import Engine, Reply
+from crslight.models.lora import LoRAConfig
 from crslight.models.retrieval import ItemHead, decoder_of
 from crslight.models.tokenize import encode_prompt
 from crslight.modules.rollout import pack
@@ -197,7 +198,7 @@ def test_lean_decoding_reads_lora_and_trained_token_rows_and_follows_weight_upda
     from crslight.models.tokenize import ITEM_TOKEN
 
     slot = tiny_tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
-    model = apply_lora(tiny_causal_lm(tiny_tokenizer, seed=1), r=4, alpha=8, dropout=0.0,
+    model = apply_lora(tiny_causal_lm(tiny_tokenizer, seed=1), LoRAConfig(r=4, alpha=8, dropout=0.0),
                        trainable_tokens=[slot]).eval()
     prompts = _prompts(tiny_tokenizer)
     lean, plain = (Engine(model, tiny_tokenizer, max_new_tokens=8, temperature=0, lean=x) for x in (True, False))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from crslight.models.lora import apply_lora, disabled_adapters, has_adapters
+from crslight.models.lora import LoRAConfig, apply_lora, disabled_adapters, has_adapters
 
 
 @pytest.fixture
@@ -14,7 +14,7 @@ def batch(tiny_tokenizer):
 
 @pytest.fixture
 def lora_lm(tiny_lm):
-    model = apply_lora(copy.deepcopy(tiny_lm), r=4, alpha=8, dropout=0.0)
+    model = apply_lora(copy.deepcopy(tiny_lm), LoRAConfig(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # fresh adapters are an identity; give them weight so they change the output
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -28,7 +28,7 @@ def logits(model, batch):
 
 
 def test_apply_lora_trains_only_adapters_and_starts_as_identity(tiny_lm, batch):
-    model = apply_lora(copy.deepcopy(tiny_lm), r=4, alpha=8, dropout=0.0)
+    model = apply_lora(copy.deepcopy(tiny_lm), LoRAConfig(r=4, alpha=8, dropout=0.0))
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert any("mlp" in name for name in trainable)  # "all-linear": MLP too, not only attention

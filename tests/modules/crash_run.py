@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from crslight.data.datamodules import Synthetic
 from crslight.data.pairs import PairOptions
 from crslight.models.loading import find_checkpoint
+from crslight.models.lora import LoRAConfig
 from crslight.modules.ppo import PPOModule
 from crslight.modules.reward import RewardModule
 from crslight.modules.sft import SFTModule
@@ -63,11 +64,11 @@ def make_module(stage: str, policy: str, reward: str | None):
         return RewardModule(backbone="tiny", backbone_tokenizer=policy, head_dropout=0.1, lr=1e-3, head_lr=1e-2,
                             warmup_steps=2)
     if stage == "sft":  # LoRA dropout: the RNG state matters as well as the batches
-        return SFTModule(model=policy, lr=1e-3, warmup_steps=2, lora=True, lora_r=4, lora_dropout=0.1,
+        return SFTModule(model=policy, lr=1e-3, warmup_steps=2, lora=LoRAConfig(r=4, dropout=0.1),
                          eval_episodes=2, eval_max_turns=1, eval_max_new_tokens=4)
     # no simulator: each iteration replies to its batch's prompts, so the batches decide what PPO learns
     return PPOModule(model=policy, reward_model=reward, max_new_tokens=6, minibatch_size=2, micro_batch_size=1,
-                     ppo_epochs=1, lr=1e-3, lora=True, lora_r=4, kl_target=1.0, kl_horizon=10,
+                     ppo_epochs=1, lr=1e-3, lora=LoRAConfig(r=4), kl_target=1.0, kl_horizon=10,
                      reward_normalization="zscore", warmup_steps=3)
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer, seed_everything
 from crslight.data.datamodules import Synthetic
 from crslight.guards import NonFiniteError
 from crslight.models.engine import Generation, Reply
+from crslight.models.lora import LoRAConfig
 from crslight.models.retrieval import decoder_of
 from crslight.models.tokenize import encode_prompt
 from crslight.modules.experience import RunningMoments, turn_returns
@@ -37,7 +38,7 @@ def _fit(module, policy, steps=2, batch_size=4):
 @pytest.mark.parametrize(
     "options",
     [
-        {"lora": True, "lora_r": 4, "simulator": "PersonaSimulator", "signals": [AcceptanceSignal()],
+        {"lora": LoRAConfig(r=4), "simulator": "PersonaSimulator", "signals": [AcceptanceSignal()],
          "item_lr": 1e-2},
         {"critic": "separate", "reward_normalization": "zscore", "reward_clip": 3.0, "missing_eos_penalty": -1.0},
         {"advantage_estimator": "grpo", "group_size": 2, "simulator": "PersonaSimulator", "kl_estimator": "k3"},
@@ -71,7 +72,8 @@ def test_ppo_smoke(tiny_recommender, tiny_reward, options):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
 def test_reference_equals_policy_at_start(tiny_policy, tiny_tokenizer, lora):
-    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], lora=lora, lora_r=4, micro_batch_size=2)
+    module = PPOModule(model=tiny_policy, signals=[AcceptanceSignal()], lora=LoRAConfig(r=4) if lora else None,
+                       micro_batch_size=2)
     module.configure_model()
     prompts = [tiny_tokenizer("Hi, a comedy please")["input_ids"], tiny_tokenizer("Something calm?")["input_ids"][:3]]
     replies = [[100, 200, 2], [300, 2]]
@@ -280,7 +282,7 @@ def test_recommendation_is_the_drawn_item_and_part_of_the_action(tiny_recommende
 
     dialogues, catalogue = generate(seed=0, n_dialogues=6, n_items=20)
     names, ids = [c["name"] for c in catalogue], [c["item_id"] for c in catalogue]
-    module = PPOModule(model=tiny_recommender, signals=[AcceptanceSignal()], lora=True, lora_r=4, micro_batch_size=4,
+    module = PPOModule(model=tiny_recommender, signals=[AcceptanceSignal()], lora=LoRAConfig(r=4), micro_batch_size=4,
                        item_temperature=0.7)
     module.configure_model()
     module.item_head = ItemHead.for_catalogue(module.policy, tiny_tokenizer, names)
@@ -352,7 +354,7 @@ def _recommender_run(tiny_recommender, iterations, text_turns=0, **options):
                      max_length=96)
     options = {"ppo_epochs": 2, **options}
     module = PPOModule(model=tiny_recommender, simulator="PersonaSimulator", max_turns=1, max_new_tokens=4,
-                       minibatch_size=8, micro_batch_size=8, lr=1e-4, item_lr=0.3, kl_coef=0.0, lora=True, lora_r=4,
+                       minibatch_size=8, micro_batch_size=8, lr=1e-4, item_lr=0.3, kl_coef=0.0, lora=LoRAConfig(r=4),
                        advantage_estimator="grpo", group_size=4, kl_estimator="k3", **options)
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=iterations, limit_val_batches=0,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -5,6 +5,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import Synthetic
+from crslight.models.lora import LoRAConfig
 from crslight.modules.policy import STATE_KEY
 from crslight.modules.ppo import PPOModule
 from crslight.modules.rng import RNG_KEY
@@ -38,7 +39,7 @@ def test_ppo_resume_continues_exactly(tiny_policy, tiny_reward, tmp_path):
     def make():
         return PPOModule(model=tiny_policy, reward_model=tiny_reward, signals=[AcceptanceSignal()], signal_weights=[0.5],
                          simulator="PersonaSimulator", max_turns=2, max_new_tokens=6, minibatch_size=2,
-                         micro_batch_size=1, ppo_epochs=1, lr=1e-3, lora=True, lora_r=4, kl_target=1.0, kl_horizon=10,
+                         micro_batch_size=1, ppo_epochs=1, lr=1e-3, lora=LoRAConfig(r=4), kl_target=1.0, kl_horizon=10,
                          reward_normalization="zscore", warmup_steps=3)
 
     data = {"task": "prompts", "tokenizer": tiny_policy}
@@ -62,7 +63,7 @@ def test_ppo_resume_continues_exactly(tiny_policy, tiny_reward, tmp_path):
 
 def test_sft_resume_continues_exactly(tiny_policy, tmp_path):
     def make():
-        return SFTModule(model=tiny_policy, lr=1e-3, warmup_steps=2, lora=True, lora_r=4, lora_dropout=0.1)
+        return SFTModule(model=tiny_policy, lr=1e-3, warmup_steps=2, lora=LoRAConfig(r=4, dropout=0.1))
 
     data = {"task": "sft", "tokenizer": tiny_policy}
     straight, _ = _run(make, data, epochs=4)

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer, see
 from torch.utils.data import DataLoader
 
 from crslight.data.pairs import PAIR_KINDS, Group, RewardSample, collate
+from crslight.models.lora import LoRAConfig
 from crslight.modules.reward import RewardModule
 from crslight.signals import SignalBatch
 
@@ -93,7 +94,7 @@ def fit(module: RewardModule, steps: int, tmp_path=None, **trainer_kwargs) -> Tr
 @pytest.mark.parametrize(("tokenizer", "options"), [
     ("smollm2", {}),
     ("minilm", {"encoding": "siamese"}),
-    ("smollm2", {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}),
+    ("smollm2", {"lora": LoRAConfig(r=4, alpha=8, dropout=0.0)}),
 ], ids=["decoder-cross", "encoder-siamese", "lora"])
 def test_fit_lowers_the_loss_and_moves_every_trainable_weight(batch, tokenizer, options):
     module = RewardModule(backbone="tiny", backbone_tokenizer=tokenizer, lr=3e-3, head_lr=3e-3, warmup_steps=0,
@@ -174,6 +175,19 @@ def test_init_from_warm_starts_from_a_trained_r_phi(batch, tmp_path):
         RewardModule(backbone="tiny", backbone_tokenizer="minilm", init_from=str(second))
     with pytest.raises(ValueError, match="no such R_phi checkpoint"):
         RewardModule(backbone="tiny", init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_an_r_phi_with_the_old_flat_lora_arguments_still_loads(batch, tmp_path):
+    from crslight.guards import load_weights
+
+    module = RewardModule(backbone="tiny", lora=LoRAConfig(r=4, alpha=8), lr=1e-3, warmup_steps=0)
+    trainer = fit(module, steps=1, tmp_path=tmp_path)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = load_weights(tmp_path / "new.ckpt")
+    checkpoint["hyper_parameters"].update(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    expected = module.eval().score(batch)
+    assert torch.equal(RewardModule.load(tmp_path / "old.ckpt").score(batch), expected)
 
 
 def test_trainer_precision_decides_the_backbones_and_the_head_stays_float32(batch):

@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from crslight.data.datamodules import IGNORE_INDEX, Synthetic
 from crslight.guards import NonFiniteError
+from crslight.models.lora import LoRAConfig
 from crslight.modules.optim import lr_multiplier
 from crslight.modules.sft import SFTModule, lm_loss
 
@@ -61,7 +62,7 @@ def test_fit_lowers_the_loss_and_moves_every_trainable_weight(tiny_policy, lora)
     seed_everything(0)
     dm = Synthetic(task="sft", tokenizer=tiny_policy, n_dialogues=8, batch_size=2, max_length=96, max_samples=8)
     module = SFTModule(model=tiny_policy, lr=1e-2 if lora else 3e-3, accumulate_grad_batches=2, warmup_steps=1,
-                       lora=lora, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+                       lora=LoRAConfig(r=4, alpha=8, dropout=0.0) if lora else None)
     module.configure_model()
     dm.setup("fit")
     probe = next(iter(dm.val_dataloader()))
@@ -183,7 +184,7 @@ def test_item_scores_with_a_text_part_fit_then_rank_and_carry_over_to_ppo(tiny_p
                     enable_model_summary=False).test(SFTModule(**settings), dm, ckpt_path=str(checkpoint),
                                                      verbose=False)[0]
     assert again["test/recall@50"] == result["test/recall@50"] and again["test/mrr@50"] == result["test/mrr@50"]
-    ppo = PPOModule(model=tiny_policy, init_from=str(checkpoint), signals=[], lora=True, lora_r=4)
+    ppo = PPOModule(model=tiny_policy, init_from=str(checkpoint), signals=[], lora=LoRAConfig(r=4))
     ppo.configure_model()
     assert ppo.item_head.reads_text and int(ppo.item_head.text_turns) == 2
     assert (ppo.item_head.text_encoder is not None) == bool(tune)
