@@ -8,6 +8,7 @@ simulator episodes, ``test_episodes.jsonl`` (one record per episode, ``crslight.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -121,13 +122,18 @@ def policy_tokenizer(model: str, tokenizer: str | None) -> str:
 
 def drop_retired_arguments(model_config) -> None:
     """Lets ``--ckpt_path`` read a checkpoint written before arguments were retired (its hyper-parameters arrive as
-    ``dict_kwargs`` the class no longer takes): R_phi's ``bf16`` is dropped (``trainer.precision`` decides), the flat
+    ``dict_kwargs`` the class no longer takes): R_phi's ``bf16`` and the flat ``eval_*`` settings are dropped
+    (``trainer.precision`` and the command's ``evaluation`` group decide), the flat
     ``lora_r`` / ``lora_alpha`` / ``lora_dropout`` / ``lora_target_modules`` become the ``lora`` group, and PPO's
     ``simulator_args`` become the named simulator's ``init_args``."""
+    from crslight.modules.evaluation import RETIRED_EVAL_ARGUMENTS
+
     extra = model_config.get("dict_kwargs") if model_config is not None else None
     if not extra:
         return
     extra.pop("bf16", None)
+    for key in RETIRED_EVAL_ARGUMENTS:  # test-time settings: the command's own evaluation group applies
+        extra.pop(key, None)
     retired = {key: extra.pop(key) for key in RETIRED_LORA_ARGUMENTS if key in extra}
     if retired and model_config.get("init_args.lora") is True:  # lora: true, lora_r: 8 -> lora: {r: 8, ...}
         model_config["init_args"]["lora"] = upgrade_lora_hparams({"lora": True, **retired})["lora"]
@@ -191,8 +197,8 @@ class CRSLightningCLI(LightningCLI):
             sys.exit(2)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones
-        (``eval_*``: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept. A bad
+        """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones (the
+        ``evaluation`` group: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept. A bad
         ``ckpt_path`` ends the command first (:func:`checked_checkpoint`), and the checkpoint loads weights only."""
         subcommand = self.config.get("subcommand")
         # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
@@ -202,7 +208,7 @@ class CRSLightningCLI(LightningCLI):
             if self.config[subcommand].get("weights_only") is None:  # weights only, whatever torch's default
                 self.config[subcommand]["weights_only"] = True
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
-        kept = {k: v for k, v in dict(init_args or {}).items() if k.startswith("eval_")}
+        kept = copy.deepcopy(init_args.get("evaluation")) if init_args is not None else None
         # the checkpoint's model may replace the config's: the linked tokenizer (policy_tokenizer) must follow it
         from crslight.data.datamodules import DEFAULT_TOKENIZER
 
@@ -220,9 +226,8 @@ class CRSLightningCLI(LightningCLI):
         data = self.config[subcommand].get("data.init_args") if subcommand else None
         if linked and data.get("tokenizer") == DEFAULT_TOKENIZER:  # no hyper-parameters read: the config's policy
             data["tokenizer"] = self.config[subcommand]["model.init_args"].get("model", policy)
-        if kept and self.config[subcommand].get("model.init_args") is not None:
-            for key, value in kept.items():
-                self.config[subcommand]["model.init_args"][key] = value
+        if kept is not None and self.config[subcommand].get("model.init_args") is not None:
+            self.config[subcommand]["model.init_args"]["evaluation"] = kept
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None

@@ -275,8 +275,9 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
     out.mkdir(parents=True, exist_ok=True)
     extra = list(extra or [])
     stage_args = {stage: list((stage_args or {}).get(stage) or []) for stage in STAGES}
-    evaluation = [f"--model.eval_episodes={eval_episodes}", f"--model.eval_max_turns={eval_max_turns}",
-                  f"--model.eval_max_new_tokens={eval_max_new_tokens}"]
+    evaluation = [f"--model.init_args.evaluation.episodes={eval_episodes}",
+                  f"--model.init_args.evaluation.max_turns={eval_max_turns}",
+                  f"--model.init_args.evaluation.max_new_tokens={eval_max_new_tokens}"]
     timed = Steps("pipeline")
     seconds = timed.seconds
     ckpt: dict[str, Path] = {}
@@ -287,10 +288,11 @@ def pipeline(dataset: str = "synthetic", out: str | Path | None = None, configs:
     policy_sources = [f"--model.init_from={ckpt['sft']}", f"--model.reward_model={ckpt['reward']}"]
     ckpt["ppo"] = timed("fit ppo", _fit, configs / "ppo.yaml", out, "ppo",
                         [*policy_sources, *no_validation, *extra, *stage_args["ppo"]])
-    evaluation.append(f"--model.eval_reward_model={ckpt['reward']}")  # one R_phi judges all three policies
+    evaluation.append(f"--model.init_args.evaluation.reward_model={ckpt['reward']}")  # one R_phi judges all three
     runs = {
         "base": timed("test base", _test, configs / "sft.yaml", out, "test_base",
-                      [*evaluation, f"--model.eval_episodes={min(base_episodes, eval_episodes)}", *extra]),
+                      [*evaluation, f"--model.init_args.evaluation.episodes={min(base_episodes, eval_episodes)}",
+                       *extra]),
         "sft": timed("test sft", _test, configs / "sft.yaml", out, "test_sft",
                      [f"--ckpt_path={ckpt['sft']}", *evaluation, *extra]),
         "rlhf": timed("test rlhf", _test, configs / "ppo.yaml", out, "test_rlhf",

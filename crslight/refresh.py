@@ -127,8 +127,10 @@ def refresh(logs: str | Path, out: str | Path = "runs/refresh", configs: str | P
     trained_with = [f"--model.init_from={current['checkpoint']}", f"--model.reward_model={new_reward}"]
     candidate = timed("fit ppo", _fit, configs / "ppo.yaml", folder, "ppo",
                       [*trained_with, "--trainer.limit_val_batches=0", *extra, *stage_args["ppo"]])
-    evaluation = [f"--model.eval_episodes={eval_episodes}", f"--model.eval_max_turns={eval_max_turns}",
-                  f"--model.eval_max_new_tokens={eval_max_new_tokens}", f"--model.eval_reward_model={new_reward}"]
+    evaluation = [f"--model.init_args.evaluation.episodes={eval_episodes}",
+                  f"--model.init_args.evaluation.max_turns={eval_max_turns}",
+                  f"--model.init_args.evaluation.max_new_tokens={eval_max_new_tokens}",
+                  f"--model.init_args.evaluation.reward_model={new_reward}"]
     if current["stage"] == "ppo":
         current_args = [f"--ckpt_path={current['checkpoint']}", f"--model.init_from={current['init_from']}",
                         f"--model.reward_model={current['reward_model']}"]

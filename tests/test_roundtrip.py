@@ -23,7 +23,7 @@ What each checkpoint goes through:
   before). Its round trip is ``crslight test -c CONFIG --ckpt_path RUN_FOLDER`` (exit 0, ``test/pairwise_accuracy``),
   ``RewardModule.load`` of the run folder scoring a reply (with the catalogue facts it was fitted with, where the
   config reads items), PPO's ``reward_model`` (every PPO fit here loads it) and the judging R_phi of ``crslight test``
-  (SFT's ``eval_reward_model``, PPO's ``reward_model``: ``test/reward`` above); its crash-recovery checkpoint, written
+  (SFT's ``evaluation.reward_model``, PPO's ``reward_model``: ``test/reward`` above); its crash-recovery checkpoint, written
   at the same step, loads and scores alike.
 - **PPO with and without signals in the reward**: as shipped (``reward_weight: 0``, the AcceptanceSignal alone, R_phi
   judging) on every dataset; R_phi plus the signal (``reward_weight: 1``) and R_phi alone (``signals: null``) on the
@@ -110,11 +110,12 @@ def tiny_config(dataset: str, stage: str, policy: str, root: Path | None, runs: 
         data["batch_size"] = 4
         return config
     model["model"] = policy
-    model.update(eval_episodes=2, eval_max_new_tokens=6)
+    model.update(evaluation={"episodes": 2, "max_new_tokens": 6})
     data.update(max_length=128, batch_size=2, max_samples=8)  # the tokenizer follows the model
     if stage == "sft":
         trainer.update(max_steps=2, val_check_interval=2, limit_val_batches=1)
-        model.update(item_head_epochs=2, item_head_dialogues=8, eval_reward_model=str(reward_model))
+        model.update(item_head_epochs=2, item_head_dialogues=8)
+        model["evaluation"]["reward_model"] = str(reward_model)
         if "item_text_epochs" in model:
             model["item_text_epochs"] = 2
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,38 @@ from crslight.models.retrieval import previous_mask
 KS = (1, 10, 50)
 #: The base seed of the test episodes (``PolicyEvaluator``'s default): reference policies run the same episodes.
 EPISODE_SEED = 0
+
+
+@dataclass
+class EvalConfig:
+    """What ``crslight test`` runs after ranking the catalogue: a policy module's ``evaluation`` option
+    (``evaluation: {episodes: 500}`` in YAML, ``--model.init_args.evaluation.episodes=500`` on the command line). These
+    are settings of the test being run, not of the checkpoint: ``--ckpt_path`` keeps the command's own.
+
+    Args:
+        episodes: Simulator episodes for acceptance, satisfaction, coherence and distinct-2 (0: ranking only).
+        max_turns: Policy replies per episode at most.
+        max_new_tokens: Longest sampled reply.
+        reward_model: R_phi (a ``RewardModule`` checkpoint or run folder) whose mean score of the episodes' replies is
+            ``test/reward``; None: none for SFT, PPO's own ``reward_model``.
+    """
+
+    episodes: int = 32
+    max_turns: int = 2
+    max_new_tokens: int = 40
+    reward_model: str | None = None
+
+
+#: the flat test-time arguments of checkpoints written before :class:`EvalConfig`
+RETIRED_EVAL_ARGUMENTS = ("eval_episodes", "eval_max_turns", "eval_max_new_tokens", "eval_reward_model")
+
+
+def eval_hparam(value: EvalConfig | dict | None) -> dict:
+    """An ``evaluation`` option as saved in hyper-parameters: a plain dict (weights-only checkpoints refuse our
+    classes), the defaults for None."""
+    if isinstance(value, dict):
+        value = EvalConfig(**value)
+    return asdict(value if value is not None else EvalConfig())
 
 
 class RankingEvaluator(nn.Module):

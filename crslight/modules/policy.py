@@ -34,7 +34,7 @@ from crslight.models.lora import LoRAConfig, apply_lora, has_adapters, lora_conf
 from crslight.models.memory import lean_mlps
 from crslight.models.retrieval import ItemHead, text_windows
 from crslight.models.tokenize import ITEM_TOKEN, title_text
-from crslight.modules.evaluation import PolicyEvaluator
+from crslight.modules.evaluation import EvalConfig, PolicyEvaluator
 from crslight.modules.rng import restore_rng_states, save_rng_states
 
 MODULE_KEY = "crslight_module"
@@ -67,7 +67,7 @@ def load_policy_checkpoint(path: str | Path, map_location: str | torch.device = 
         if {"backbone", "encoding"} <= set(checkpoint.get("hyper_parameters", {})):  # RewardModule's arguments
             raise NotAPolicyCheckpoint(
                 f"{path} is an R_phi (RewardModule) checkpoint: it scores replies and holds no policy; use it as PPO's "
-                "reward_model or as eval_reward_model of crslight test")
+                "reward_model or as evaluation.reward_model of crslight test")
         raise NotAPolicyCheckpoint(f"{path} was not written by a crslight policy module (no {MODULE_KEY!r} entry)")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -298,10 +298,10 @@ class PolicyModule(LightningModule):
             raise RuntimeError("testing a policy needs a crslight DataModule (ReDial, OpenDialKG, Synthetic) for the "
                                "catalogue its ranking head scores")
         hp = self.hparams
+        settings = EvalConfig(**hp.get("evaluation") or {})
         self.evaluator = PolicyEvaluator(
-            len(self.item_head.title_offsets), episodes=hp.get("eval_episodes", 32),
-            max_turns=hp.get("eval_max_turns", 2), max_new_tokens=hp.get("eval_max_new_tokens", 40),
-            reward_model=hp.get("eval_reward_model") or hp.get("reward_model"),
+            len(self.item_head.title_offsets), episodes=settings.episodes, max_turns=settings.max_turns,
+            max_new_tokens=settings.max_new_tokens, reward_model=settings.reward_model or hp.get("reward_model"),
         ).to(self.device)
         # LoRA adapters folded into the weights for the test (undone in on_test_end): same outputs, one matmul per layer
         self._merged_for_test = has_adapters(self.policy)

@@ -91,6 +91,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import LoRAConfig, apply_lora, disabled_adapters, lora_config, lora_hparam
 from crslight.models.memory import release_heap
+from crslight.modules.evaluation import EvalConfig, eval_hparam
 from crslight.modules.experience import (
     Episodes,
     Experience,
@@ -269,10 +270,8 @@ class PPOModule(PolicyModule):
         gradient_checkpointing: Recompute activations in the backward pass.
         trust_remote_code: Allow custom modelling code from the model folder.
         item_text_model: The sentence encoder of the item scores' text part, when ``init_from``'s scores have one.
-        eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
-        eval_max_turns: ``test``: policy replies per episode at most.
-        eval_max_new_tokens: ``test``: longest sampled reply.
-        eval_reward_model: ``test``: R_phi scoring the episodes' replies (``test/reward``); None: ``reward_model``.
+        evaluation: ``test``'s simulator episodes after the ranking (:class:`~crslight.modules.evaluation.EvalConfig`:
+            ``episodes``, ``max_turns``, ``max_new_tokens``, ``reward_model``: None judges with ``reward_model``).
     """
 
     def __init__(
@@ -325,14 +324,12 @@ class PPOModule(PolicyModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         item_text_model: str = "minilm",
-        eval_episodes: int = 32,
-        eval_max_turns: int = 2,
-        eval_max_new_tokens: int = 40,
-        eval_reward_model: str | None = None,
+        evaluation: EvalConfig | None = None,
     ) -> None:
         require_positive(lr=lr, max_new_tokens=max_new_tokens, item_temperature=item_temperature)
         require_non_negative(kl_coef=kl_coef, warmup_steps=warmup_steps, ppo_epochs=ppo_epochs, temperature=temperature)
-        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
+        lora = lora_hparam(lora)  # plain dicts in the hyper-parameters (weights-only checkpoints)
+        evaluation = eval_hparam(evaluation)
         super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code,
                          item_text_model=item_text_model)
         if micro_batch_size < 1 or minibatch_size < micro_batch_size:

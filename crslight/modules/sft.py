@@ -25,6 +25,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.lora import LoRAConfig, lora_hparam
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
+from crslight.modules.evaluation import EvalConfig, eval_hparam
 from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.policy import PolicyModule
 
@@ -105,11 +106,8 @@ class SFTModule(PolicyModule):
             epochs (:func:`~crslight.models.retrieval.tune_text_encoder`; about 6 minutes an epoch on ReDial's
             training split on a 2-core CPU); the tuned encoder is saved with the item scores (0: keep it frozen).
         item_text_tune_lr: The tuned encoder's learning rate.
-        eval_episodes: ``test``: simulator episodes for satisfaction, coherence and distinct-2 (0: ranking only).
-        eval_max_turns: ``test``: policy replies per episode at most.
-        eval_max_new_tokens: ``test``: longest sampled reply.
-        eval_reward_model: ``test``: R_phi (a ``RewardModule`` checkpoint or run folder) whose mean score of the
-            episodes' replies is logged as ``test/reward``; None skips it.
+        evaluation: ``test``'s simulator episodes after the ranking (:class:`~crslight.modules.evaluation.EvalConfig`:
+            ``episodes``, ``max_turns``, ``max_new_tokens``, ``reward_model``).
     """
 
     trains_item_head = True
@@ -143,16 +141,14 @@ class SFTModule(PolicyModule):
         item_text_epochs: int = 8,
         item_text_tune_epochs: int = 0,
         item_text_tune_lr: float = 3e-5,
-        eval_episodes: int = 32,
-        eval_max_turns: int = 2,
-        eval_max_new_tokens: int = 40,
-        eval_reward_model: str | None = None,
+        evaluation: EvalConfig | None = None,
     ) -> None:
         require_positive(lr=lr)
         require_non_negative(weight_decay=weight_decay, warmup_steps=warmup_steps,
                              item_text_tune_epochs=item_text_tune_epochs)
         require_positive(item_text_tune_lr=item_text_tune_lr)
-        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
+        lora = lora_hparam(lora)  # plain dicts in the hyper-parameters (weights-only checkpoints)
+        evaluation = eval_hparam(evaluation)
         super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code, item_text_turns,
                          item_text_model)
         if accumulate_grad_batches < 1:

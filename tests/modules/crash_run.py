@@ -21,6 +21,7 @@ from crslight.data.datamodules import Synthetic
 from crslight.data.pairs import PairOptions
 from crslight.models.loading import find_checkpoint
 from crslight.models.lora import LoRAConfig
+from crslight.modules.evaluation import EvalConfig
 from crslight.modules.ppo import PPOModule
 from crslight.modules.reward import RewardModule
 from crslight.modules.sft import SFTModule
@@ -65,7 +66,7 @@ def make_module(stage: str, policy: str, reward: str | None):
                             warmup_steps=2)
     if stage == "sft":  # LoRA dropout: the RNG state matters as well as the batches
         return SFTModule(model=policy, lr=1e-3, warmup_steps=2, lora=LoRAConfig(r=4, dropout=0.1),
-                         eval_episodes=2, eval_max_turns=1, eval_max_new_tokens=4)
+                         evaluation=EvalConfig(episodes=2, max_turns=1, max_new_tokens=4))
     # no simulator: each iteration replies to its batch's prompts, so the batches decide what PPO learns
     return PPOModule(model=policy, reward_model=reward, max_new_tokens=6, minibatch_size=2, micro_batch_size=1,
                      ppo_epochs=1, lr=1e-3, lora=LoRAConfig(r=4), kl_target=1.0, kl_horizon=10,

@@ -16,8 +16,8 @@ EXPECTED = {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "recall@1
 
 def cli_args(command, policy, root, *extra):
     return [
-        command, "--seed_everything=0", "--model=SFTModule", f"--model.model={policy}", "--model.eval_episodes=3",
-        "--model.eval_max_turns=1", "--model.eval_max_new_tokens=8", "--model.lr=1e-2",
+        command, "--seed_everything=0", "--model=SFTModule", f"--model.model={policy}", "--model.init_args.evaluation.episodes=3",
+        "--model.init_args.evaluation.max_turns=1", "--model.init_args.evaluation.max_new_tokens=8", "--model.lr=1e-2",
         "--data=Synthetic", "--data.n_dialogues=10", "--data.n_items=40", f"--data.tokenizer={policy}",
         "--data.batch_size=2", "--data.max_length=512", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={root}", *extra,
@@ -40,7 +40,8 @@ def test_test_writes_one_record_per_episode_whose_means_are_the_metrics(tiny_pol
     from crslight.modules.evaluation import load_episode_records
 
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
-    run_lightning_cli(cli_args("test", tiny_policy, tmp_path, "--model.eval_episodes=5", "--model.eval_max_turns=2"))
+    run_lightning_cli(cli_args("test", tiny_policy, tmp_path, "--model.init_args.evaluation.episodes=5",
+                                      "--model.init_args.evaluation.max_turns=2"))
     (metrics_file,) = tmp_path.rglob("test_metrics.json")
     metrics = json.loads(metrics_file.read_text())
     records = load_episode_records(metrics_file.parent / "test_episodes.jsonl")
@@ -151,13 +152,13 @@ def test_records_are_gathered_from_every_rank_by_episode_index(tmp_path):
 def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CRSLIGHT_CACHE", str(tmp_path / "cache"))
     run_lightning_cli(cli_args("fit", tiny_policy, tmp_path / "fit", "--trainer.max_steps=2",
-                               "--trainer.limit_val_batches=0"))  # trained with eval_episodes=3
+                               "--trainer.limit_val_batches=0"))  # trained with evaluation.episodes=3
     (ckpt,) = (tmp_path / "fit").rglob("*.ckpt")
     cli = run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'fit'}",
-                                     "--model.eval_episodes=0"))
+                                     "--model.init_args.evaluation.episodes=0"))
     assert cli.trainer.ckpt_path == str(ckpt)
     # test-time options come from this command line, not from the checkpoint's hyperparameters
-    assert cli.model.hparams.eval_episodes == 0
+    assert cli.model.hparams.evaluation["episodes"] == 0
     assert "test/satisfaction" not in cli.trainer.callback_metrics
     with pytest.raises(SystemExit) as exit_info:  # a folder with no checkpoint: a message and exit code 2
         run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'test'}"))
