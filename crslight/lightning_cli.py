@@ -8,7 +8,6 @@ simulator episodes, ``test_episodes.jsonl`` (one record per episode, ``crslight.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -197,9 +196,10 @@ class CRSLightningCLI(LightningCLI):
             sys.exit(2)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model's arguments with the checkpoint's hyperparameters; the test-time ones (the
-        ``evaluation`` group: episodes, reply length, the judging R_phi) belong to this invocation, so they are kept. A bad
-        ``ckpt_path`` ends the command first (:func:`checked_checkpoint`), and the checkpoint loads weights only."""
+        """Lightning replaces the model's arguments with the checkpoint's hyperparameters (the test-time ``evaluation``
+        group is not one of them, so the command's own applies). A bad ``ckpt_path`` ends the command first
+        (:func:`checked_checkpoint`), the checkpoint loads weights only, the linked tokenizer follows the checkpoint's
+        model, and arguments retired since the checkpoint was written are dropped or moved."""
         subcommand = self.config.get("subcommand")
         # ``--ckpt_path runs/sft/synthetic``: a run folder stands for its newest checkpoint, as ``init_from`` does
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -208,7 +208,6 @@ class CRSLightningCLI(LightningCLI):
             if self.config[subcommand].get("weights_only") is None:  # weights only, whatever torch's default
                 self.config[subcommand]["weights_only"] = True
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
-        kept = copy.deepcopy(init_args.get("evaluation")) if init_args is not None else None
         # the checkpoint's model may replace the config's: the linked tokenizer (policy_tokenizer) must follow it
         from crslight.data.datamodules import DEFAULT_TOKENIZER
 
@@ -226,8 +225,6 @@ class CRSLightningCLI(LightningCLI):
         data = self.config[subcommand].get("data.init_args") if subcommand else None
         if linked and data.get("tokenizer") == DEFAULT_TOKENIZER:  # no hyper-parameters read: the config's policy
             data["tokenizer"] = self.config[subcommand]["model.init_args"].get("model", policy)
-        if kept is not None and self.config[subcommand].get("model.init_args") is not None:
-            self.config[subcommand]["model.init_args"]["evaluation"] = kept
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,8 @@ EPISODE_SEED = 0
 class EvalConfig:
     """What ``crslight test`` runs after ranking the catalogue: a policy module's ``evaluation`` option
     (``evaluation: {episodes: 500}`` in YAML, ``--model.init_args.evaluation.episodes=500`` on the command line). These
-    are settings of the test being run, not of the checkpoint: ``--ckpt_path`` keeps the command's own.
+    are settings of the test being run, not of the model: they are not saved as hyper-parameters, so a test with
+    ``--ckpt_path`` runs the command's own.
 
     Args:
         episodes: Simulator episodes for acceptance, satisfaction, coherence and distinct-2 (0: ranking only).
@@ -56,14 +57,6 @@ class EvalConfig:
 
 #: the flat test-time arguments of checkpoints written before :class:`EvalConfig`
 RETIRED_EVAL_ARGUMENTS = ("eval_episodes", "eval_max_turns", "eval_max_new_tokens", "eval_reward_model")
-
-
-def eval_hparam(value: EvalConfig | dict | None) -> dict:
-    """An ``evaluation`` option as saved in hyper-parameters: a plain dict (weights-only checkpoints refuse our
-    classes), the defaults for None."""
-    if isinstance(value, dict):
-        value = EvalConfig(**value)
-    return asdict(value if value is not None else EvalConfig())
 
 
 class RankingEvaluator(nn.Module):

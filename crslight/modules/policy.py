@@ -298,7 +298,7 @@ class PolicyModule(LightningModule):
             raise RuntimeError("testing a policy needs a crslight DataModule (ReDial, OpenDialKG, Synthetic) for the "
                                "catalogue its ranking head scores")
         hp = self.hparams
-        settings = EvalConfig(**hp.get("evaluation") or {})
+        settings = getattr(self, "evaluation", None) or EvalConfig()
         self.evaluator = PolicyEvaluator(
             len(self.item_head.title_offsets), episodes=settings.episodes, max_turns=settings.max_turns,
             max_new_tokens=settings.max_new_tokens, reward_model=settings.reward_model or hp.get("reward_model"),

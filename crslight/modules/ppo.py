@@ -91,7 +91,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import LoRAConfig, apply_lora, disabled_adapters, lora_config, lora_hparam
 from crslight.models.memory import release_heap
-from crslight.modules.evaluation import EvalConfig, eval_hparam
+from crslight.modules.evaluation import EvalConfig
 from crslight.modules.experience import (
     Episodes,
     Experience,
@@ -328,8 +328,7 @@ class PPOModule(PolicyModule):
     ) -> None:
         require_positive(lr=lr, max_new_tokens=max_new_tokens, item_temperature=item_temperature)
         require_non_negative(kl_coef=kl_coef, warmup_steps=warmup_steps, ppo_epochs=ppo_epochs, temperature=temperature)
-        lora = lora_hparam(lora)  # plain dicts in the hyper-parameters (weights-only checkpoints)
-        evaluation = eval_hparam(evaluation)
+        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
         super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code,
                          item_text_model=item_text_model)
         if micro_batch_size < 1 or minibatch_size < micro_batch_size:
@@ -343,7 +342,10 @@ class PPOModule(PolicyModule):
                 "optimizer_in_backward steps each weight during the backward pass, so it needs one backward pass per "
                 "optimizer step and no clipping by the global norm: set micro_batch_size equal to minibatch_size "
                 f"(got {micro_batch_size} and {minibatch_size}) and gradient_clip_val to null (got {gradient_clip_val})")
-        self.save_hyperparameters(ignore=["signals", "simulator"])  # objects; the CLI saves the config beside the run
+        # signals and simulator are objects (the CLI saves the config beside the run); the test's settings are the
+        # command's, never the checkpoint's
+        self.save_hyperparameters(ignore=["signals", "simulator", "evaluation"])
+        self.evaluation = evaluation if isinstance(evaluation, EvalConfig) else EvalConfig(**(evaluation or {}))
         self.signals = list(signals or [])
         self.simulator = simulator
         self.signal_weights = list(signal_weights) if signal_weights is not None else [1.0] * len(self.signals)

@@ -25,7 +25,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.lora import LoRAConfig, lora_hparam
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
-from crslight.modules.evaluation import EvalConfig, eval_hparam
+from crslight.modules.evaluation import EvalConfig
 from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.policy import PolicyModule
 
@@ -147,13 +147,14 @@ class SFTModule(PolicyModule):
         require_non_negative(weight_decay=weight_decay, warmup_steps=warmup_steps,
                              item_text_tune_epochs=item_text_tune_epochs)
         require_positive(item_text_tune_lr=item_text_tune_lr)
-        lora = lora_hparam(lora)  # plain dicts in the hyper-parameters (weights-only checkpoints)
-        evaluation = eval_hparam(evaluation)
+        lora = lora_hparam(lora)  # a plain dict in the hyper-parameters (weights-only checkpoints)
         super().__init__(model, init_from, dtype, lora, gradient_checkpointing, trust_remote_code, item_text_turns,
                          item_text_model)
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        self.save_hyperparameters()
+        # the test's settings are the command's, never the checkpoint's: not a hyper-parameter
+        self.save_hyperparameters(ignore=["evaluation"])
+        self.evaluation = evaluation if isinstance(evaluation, EvalConfig) else EvalConfig(**(evaluation or {}))
         self.val_loss = MeanMetric()  # the language-model loss alone: val/ppl is a perplexity
         self.val_rank_loss = MeanMetric()
 

@@ -158,7 +158,7 @@ def test_ckpt_path_may_name_a_run_folder(tiny_policy, tmp_path, monkeypatch, cap
                                      "--model.init_args.evaluation.episodes=0"))
     assert cli.trainer.ckpt_path == str(ckpt)
     # test-time options come from this command line, not from the checkpoint's hyperparameters
-    assert cli.model.hparams.evaluation["episodes"] == 0
+    assert cli.model.evaluation.episodes == 0 and "evaluation" not in cli.model.hparams
     assert "test/satisfaction" not in cli.trainer.callback_metrics
     with pytest.raises(SystemExit) as exit_info:  # a folder with no checkpoint: a message and exit code 2
         run_lightning_cli(cli_args("test", tiny_policy, tmp_path / "test", f"--ckpt_path={tmp_path / 'test'}"))
