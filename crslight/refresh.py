@@ -131,11 +131,9 @@ def refresh(logs: str | Path, out: str | Path = "runs/refresh", configs: str | P
                   f"--model.init_args.evaluation.max_turns={eval_max_turns}",
                   f"--model.init_args.evaluation.max_new_tokens={eval_max_new_tokens}",
                   f"--model.init_args.evaluation.reward_model={new_reward}"]
-    if current["stage"] == "ppo":
-        current_args = [f"--ckpt_path={current['checkpoint']}", f"--model.init_from={current['init_from']}",
-                        f"--model.reward_model={current['reward_model']}"]
-    else:
-        current_args = [f"--ckpt_path={current['checkpoint']}"]
+    current_args = [f"--ckpt_path={current['checkpoint']}"]
+    if current["stage"] == "ppo":  # as it was trained (a PPO run may start from the base model: no init_from)
+        current_args += [f"--model.{key}={current[key]}" for key in ("init_from", "reward_model") if current[key]]
     runs = {
         "current": timed("test current", _test, configs / f"{current['stage']}.yaml", folder, "test_current",
                          [*current_args, *evaluation, *extra]),
