@@ -15,7 +15,6 @@ and against the questionnaire — ``auc_liked`` — which no label choice moves.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -99,27 +98,3 @@ def ablate(
         results[variant] = row
         log.info("ablation %s: %s", variant, row)
     return {"config": str(config_path), "max_steps": max_steps, "split": split, "signals": names, "results": results}
-
-
-def configure_parser(parser) -> None:
-    """Adds ``crslight ablate``'s arguments to ``parser`` (``crslight ablate CONFIG [--max-steps N] [--split S]
-    [--signals A B] [--out F] [-- --key=value ...]``)."""
-    parser.add_argument("reward_config", help="the R_phi config to ablate (configs/<dataset>/reward.yaml)")
-    parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps per variant")
-    parser.add_argument("--split", default="valid", choices=["valid", "test"], help="held-out split evaluated")
-    parser.add_argument("--signals", nargs="*", default=None, help="only ablate these signals (class names)")
-    parser.add_argument("--limit-eval-batches", type=float, default=1.0, help="a fraction (<= 1) or a count")
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("overrides", nargs="*", default=[],
-                        help="config overrides after --, e.g. -- --model.backbone=tiny")
-
-
-def run(args) -> int:
-    """Runs ``crslight ablate`` on parsed arguments; prints the JSON report. Returns the exit code."""
-    limit = args.limit_eval_batches if args.limit_eval_batches <= 1 else int(args.limit_eval_batches)
-    report = ablate(args.reward_config, args.max_steps, args.split, args.signals, args.overrides, limit)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0

@@ -97,7 +97,6 @@ def tool_parser() -> ArgumentParser:
     export.add_argument("--ckpt", required=True)
     export.add_argument("--out", required=True)
 
-    from crslight.ablation import configure_parser as configure_ablate
     from crslight.compare import configure_parser as configure_compare
     from crslight.pipeline import configure_parser as configure_pipeline
     from crslight.plots import configure_parser as configure_plot  # light: matplotlib is imported when drawing
@@ -105,12 +104,38 @@ def tool_parser() -> ArgumentParser:
 
     configure_plot(_command(sub, "plot", "draw training curves (CSVLogger runs) and results bar charts as PNGs"))
     configure_compare(_command(sub, "compare", "tests side by side, with paired bootstrap intervals"))
-    configure_ablate(_command(sub, "ablate", "R_phi's held-out accuracy with each signal removed from the weak label"))
+    _ablate_arguments(_command(sub, "ablate", "R_phi's held-out accuracy with each signal removed from the weak label"))
     configure_pipeline(_command(sub, "pipeline", "the whole method: SFT, R_phi, PPO, then the test of every policy "
                                 "on the same simulated users"))
     configure_refresh(_command(sub, "refresh", "new logs: R_phi warm-started, a short PPO, and a gate that promotes "
                                "the new policy unless it is worse beyond the interval"))
     return parser
+
+
+def _ablate_arguments(parser) -> None:
+    """``crslight ablate CONFIG [--max-steps N] [--split S] [--signals A B] [--out F] [-- --key=value ...]``: here,
+    not in crslight/ablation.py, whose Lightning import every other command would pay for at parse time."""
+    parser.add_argument("reward_config", help="the R_phi config to ablate (configs/<dataset>/reward.yaml)")
+    parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps per variant")
+    parser.add_argument("--split", default="valid", choices=["valid", "test"], help="held-out split evaluated")
+    parser.add_argument("--signals", nargs="*", default=None, help="only ablate these signals (class names)")
+    parser.add_argument("--limit-eval-batches", type=float, default=1.0, help="a fraction (<= 1) or a count")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides after --, e.g. -- --model.backbone=tiny")
+
+
+def _ablate(args) -> int:
+    """Runs ``crslight ablate`` on parsed arguments; prints the JSON report. Returns the exit code."""
+    from crslight.ablation import ablate
+
+    limit = args.limit_eval_batches if args.limit_eval_batches <= 1 else int(args.limit_eval_batches)
+    report = ablate(args.reward_config, args.max_steps, args.split, args.signals, args.overrides, limit)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def run_tool(argv: list[str]) -> int:
@@ -174,9 +199,7 @@ def run_tool(argv: list[str]) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return 0
     if command == "ablate":  # R_phi with each signal removed from the label (crslight/ablation.py)
-        from crslight.ablation import run as run_ablate
-
-        return run_ablate(args)
+        return _ablate(args)
     if command == "pipeline":  # SFT -> reward -> PPO -> test of base / SFT / RLHF (crslight/pipeline.py)
         from crslight.pipeline import run as run_pipeline
 

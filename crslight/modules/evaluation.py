@@ -55,6 +55,11 @@ class EvalConfig:
     reward_model: str | None = None
 
 
+def eval_config(value: EvalConfig | dict | None) -> EvalConfig:
+    """An ``evaluation`` option as an :class:`EvalConfig` (a dict: its fields; None: the defaults)."""
+    return value if isinstance(value, EvalConfig) else EvalConfig(**(value or {}))
+
+
 #: the flat test-time arguments of checkpoints written before :class:`EvalConfig`
 RETIRED_EVAL_ARGUMENTS = ("eval_episodes", "eval_max_turns", "eval_max_new_tokens", "eval_reward_model")
 

@@ -91,7 +91,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.heads import ScalarHead
 from crslight.models.lora import LoRAConfig, apply_lora, disabled_adapters, lora_config, lora_hparam
 from crslight.models.memory import release_heap
-from crslight.modules.evaluation import EvalConfig
+from crslight.modules.evaluation import EvalConfig, eval_config
 from crslight.modules.experience import (
     Episodes,
     Experience,
@@ -345,7 +345,7 @@ class PPOModule(PolicyModule):
         # signals and simulator are objects (the CLI saves the config beside the run); the test's settings are the
         # command's, never the checkpoint's
         self.save_hyperparameters(ignore=["signals", "simulator", "evaluation"])
-        self.evaluation = evaluation if isinstance(evaluation, EvalConfig) else EvalConfig(**(evaluation or {}))
+        self.evaluation = eval_config(evaluation)
         self.signals = list(signals or [])
         self.simulator = simulator
         self.signal_weights = list(signal_weights) if signal_weights is not None else [1.0] * len(self.signals)

@@ -25,7 +25,7 @@ from crslight.guards import check_loss, require_non_negative, require_positive
 from crslight.models.cooccurrence import ease, mention_matrix, top_links
 from crslight.models.lora import LoRAConfig, lora_hparam
 from crslight.models.retrieval import SlotData, fit_item_scores, retrieval_loss, slot_features
-from crslight.modules.evaluation import EvalConfig
+from crslight.modules.evaluation import EvalConfig, eval_config
 from crslight.modules.optim import adamw_with_schedule, optimizer_step, total_optimizer_steps
 from crslight.modules.policy import PolicyModule
 
@@ -154,7 +154,7 @@ class SFTModule(PolicyModule):
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         # the test's settings are the command's, never the checkpoint's: not a hyper-parameter
         self.save_hyperparameters(ignore=["evaluation"])
-        self.evaluation = evaluation if isinstance(evaluation, EvalConfig) else EvalConfig(**(evaluation or {}))
+        self.evaluation = eval_config(evaluation)
         self.val_loss = MeanMetric()  # the language-model loss alone: val/ppl is a perplexity
         self.val_rank_loss = MeanMetric()
 
