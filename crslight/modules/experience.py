@@ -303,12 +303,16 @@ class Scorer:
         reward_weight: R_phi's weight; 0 keeps it as a judge only (logged as ``reward``, not in the score).
         signals: direct signals of the user's reaction.
         signal_weights: one weight per signal.
+        expected_items: with item groups, a reply that recommends scores the mean of its slots' groups (the same
+            user's reaction to the item drawn and to each alternative, all drawn from the same distribution): an
+            unbiased estimate of its expected score over the item draw (:func:`expected_item_scores`).
     """
 
     reward_model: Any = None
     reward_weight: float = 1.0
     signals: list[SignalExtractor] = field(default_factory=list)
     signal_weights: list[float] = field(default_factory=list)
+    expected_items: bool = False
 
 
 def _single_turn_batch(contexts: list[list[dict]], replies: list[Reply], names: dict[str, str]) -> SignalBatch:
@@ -347,8 +351,35 @@ def score(scorer: Scorer, batch: SignalBatch, judge: bool = True) -> tuple[torch
     return scores, metrics
 
 
+def expected_item_scores(scores: torch.Tensor, slot_rows: torch.Tensor, slot_scores: torch.Tensor) -> torch.Tensor:
+    """Each reply's score in expectation over its item draws: for a reply that recommends, the mean over its slots of
+    each slot group's mean score; the others keep theirs.
+
+    A slot's group is the same user's reaction to the reply with the item drawn there and with each alternative, all
+    drawn with replacement from the slot's item distribution, every other slot keeping its draw; so each group's mean
+    is an unbiased estimate of the reply's expected score given its words, and so is their mean. Where a reply's
+    words decide only how many items it names and where (the item scores fixed), this is what the words control, and
+    it varies far less than the one draw's outcome (an acceptance in twenty episodes).
+
+    Example: scores ``[0, 1, 0]``, one slot in reply 0 with group scores ``[0, 1, 1, 0]`` and two in reply 1 with
+    ``[1, 0]`` and ``[1, 1]`` give ``[0.5, 0.75, 0]``.
+
+    Args:
+        scores: ``(b,)`` each reply's score for its own draws.
+        slot_rows: ``(s,)`` the reply of each slot.
+        slot_scores: ``(s, 1 + k)`` per slot, the scores of the reply itself and of its ``k`` alternatives.
+    """
+    if not slot_scores.numel():
+        return scores
+    total = torch.zeros_like(scores).index_add_(0, slot_rows, slot_scores.float().mean(1).to(scores.dtype))
+    count = torch.zeros_like(scores).index_add_(0, slot_rows, torch.ones(len(slot_rows), dtype=scores.dtype))
+    return torch.where(count > 0, total / count.clamp(min=1), scores)
+
+
 def score_episodes(rollout: Rollout, scorer: Scorer) -> Episodes:
-    """Scores a rollout's replies (and, with item alternatives, every reaction of their groups) with ``scorer``."""
+    """Scores a rollout's replies (and, with item alternatives, every reaction of their groups) with ``scorer``;
+    with ``scorer.expected_items`` a reply that recommends scores its expectation over the item draws
+    (:func:`expected_item_scores`; ``score_drawn`` logs the mean of the draws' own)."""
     metrics: dict[str, float] = {}
     slot_scores = torch.zeros(len(rollout.samples.slots), 0)
     if rollout.alternatives is not None:
@@ -356,6 +387,10 @@ def score_episodes(rollout: Rollout, scorer: Scorer) -> Episodes:
         metrics["seconds_scoring_alternatives"] = group_metrics["seconds_scoring"]
         slot_scores = group_scores.reshape(rollout.groups, -1)
     scores, score_metrics = score(scorer, rollout.replies)
+    if scorer.expected_items:
+        score_metrics["score_drawn"] = score_metrics["score"]
+        scores = expected_item_scores(scores, rollout.samples.slots[:, 0], slot_scores)
+        score_metrics["score"] = float(scores.mean())
     metrics = {**rollout.metrics, **metrics, **score_metrics}
     return Episodes(rollout.samples, scores, rollout.episode, rollout.turn, rollout.ended, metrics, slot_scores)
 

@@ -227,6 +227,11 @@ class PPOModule(PolicyModule):
             choice then learns from that group (its advantage: the item's immediate score standardised within the
             group, clipped ratio and the exact KL of the item distribution to the reference's), instead of from the
             episode's return. 0: the item's log-probability is part of the slot token's action.
+        expected_item_score: With item alternatives: a reply that recommends scores the mean of its slots' groups, an
+            unbiased estimate of its expected score over the item draw (:func:`~crslight.modules.experience.
+            expected_item_scores`), instead of the one draw's outcome. The words then learn from what they control
+            (whether, where and how many items a reply names) every time, not only in the rare episode whose draw
+            was accepted; with ``item_lr: 0`` the item scores stay as they are and the alternatives serve only this.
         item_ppo_epochs: With item alternatives: full-batch steps of the item scores alone on the rollout's slot states
             (cached, so the language model does not run) before the ``ppo_epochs`` passes: cheap extra updates of the
             item choice, each clipped to the rollout's distribution.
@@ -292,6 +297,7 @@ class PPOModule(PolicyModule):
         item_temperature: float = 1.0,
         item_lr: float | None = None,
         item_alternatives: int = 0,
+        expected_item_score: bool = False,
         item_ppo_epochs: int = 0,
         ppo_epochs: int = 2,
         minibatch_size: int = 8,
@@ -335,6 +341,9 @@ class PPOModule(PolicyModule):
             raise ValueError(f"need 1 <= micro_batch_size <= minibatch_size, got {micro_batch_size}, {minibatch_size}")
         if signal_weights is not None and len(signal_weights) != len(signals or []):
             raise ValueError(f"got {len(signal_weights)} signal_weights for {len(signals or [])} signals")
+        if expected_item_score and item_alternatives < 1:
+            raise ValueError("expected_item_score averages each slot's item group: set item_alternatives to 1 or more "
+                             f"(got {item_alternatives})")
         if advantage_estimator == "grpo" and group_size < 2:
             raise ValueError("grpo needs group_size >= 2")
         if optimizer_in_backward and (micro_batch_size != minibatch_size or gradient_clip_val):
@@ -414,7 +423,8 @@ class PPOModule(PolicyModule):
     @property
     def scorer(self) -> Scorer:
         """R_phi and the direct signals with their weights: what scores a reply."""
-        return Scorer(self.reward_model, self.hparams.reward_weight, self.signals, self.signal_weights)
+        return Scorer(self.reward_model, self.hparams.reward_weight, self.signals, self.signal_weights,
+                      self.hparams.expected_item_score)
 
     def setup(self, stage: str) -> None:
         """The splits of ``fit`` (training and validation) or ``validate``, and with a simulator their environments,

@@ -18,6 +18,7 @@ from crslight.modules.experience import (
     collect_episodes,
     collect_replies,
     episode_indices,
+    expected_item_scores,
     make_experience,
     score,
     score_episodes,
@@ -103,6 +104,25 @@ def test_score_episodes_scores_the_replies_and_each_item_group():
     assert episodes.slot_scores.tolist() == [[2.0, 3.0], [2.0, 3.0]]  # per slot: the reply itself, its alternative
     assert episodes.metrics["accept"] == 0.5 and "seconds_scoring_alternatives" in episodes.metrics
     assert score_episodes(_rollout(), Scorer(_Reward())).slot_scores.shape == (0, 0)
+
+
+def test_expected_item_scores_average_each_slot_group():
+    scores = torch.tensor([0.0, 1.0, 0.0])
+    # reply 0: one slot; reply 1: two slots; reply 2 recommends nothing and keeps its score
+    slot_scores = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    out = expected_item_scores(scores, torch.tensor([0, 1, 1]), slot_scores)
+    assert out.tolist() == [0.5, 0.75, 0.0]
+    assert expected_item_scores(scores, torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)) is scores
+
+
+def test_score_episodes_with_expected_items_scores_a_recommending_reply_by_its_groups():
+    rollout = _rollout(groups=2)  # reply 0 recommends at 2 slots, each group scoring [1, 0]; its own reaction 0
+    drawn = score_episodes(rollout, Scorer(None, 1.0, [AcceptanceSignal()], [1.0]))
+    expected = score_episodes(rollout, Scorer(None, 1.0, [AcceptanceSignal()], [1.0], expected_items=True))
+    assert drawn.scores.tolist() == [0.0, 1.0, 0.0]  # the reply's own reaction: not accepted
+    assert expected.scores.tolist() == [0.5, 1.0, 0.0]  # its groups' mean; the replies without a slot keep theirs
+    assert expected.metrics["score"] == 0.5 and expected.metrics["score_drawn"] == pytest.approx(1 / 3)
+    assert torch.equal(expected.slot_scores, drawn.slot_scores)
 
 
 def _logprobs(samples, values: bool = True) -> RolloutLogprobs:
