@@ -16,7 +16,9 @@ Pairs (chosen, rejected), all anchored in one dialogue and built deterministical
 - ``negative`` — one context: the real reply (label >= ``positive_threshold``) against a reply drawn from *another*
   dialogue of the split (negative sampling, as in next-utterance classification; Lowe et al., SIGDIAL 2015). The
   negative is drawn among replies that, like the real one, do or do not mention items, so "mentions a movie" or
-  length cannot tell them apart: what remains is whether the reply fits what this seeker said.
+  length cannot tell them apart: what remains is whether the reply fits what this seeker said. A draw with the
+  same words and items as the real reply (a stock phrase such as "Enjoy the movie!") is redrawn: two identical
+  inputs cannot be ordered, so such a pair is pure label noise.
 - ``ordered`` — two real recommender turns of one dialogue, each in its own context, whose composite labels differ by
   at least ``min_gap``: the better-received one is chosen (at most ``max_ordered_per_dialogue`` pairs a dialogue,
   drawn at random). Comparing turns of one conversation holds the user fixed, so user-level habits (typing speed,
@@ -365,9 +367,9 @@ def build_pairs(corpus: Corpus, labels: torch.Tensor, options: PairOptions) -> P
                     continue
                 pool = pools[has_items[n]]
                 for _ in range(options.negatives_per_turn):
-                    for _attempt in range(8):  # a draw from the same dialogue is redrawn
+                    for _attempt in range(8):  # a draw from the same dialogue, or the same reply, is redrawn
                         other = int(pool[rng.integers(len(pool))])
-                        if index[other][0] != d:
+                        if index[other][0] != d and (reply[other], items[other]) != (reply[n], items[n]):
                             break
                     else:
                         continue
