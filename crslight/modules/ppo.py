@@ -229,9 +229,10 @@ class PPOModule(PolicyModule):
             episode's return. 0: the item's log-probability is part of the slot token's action.
         expected_item_score: With item alternatives: a reply that recommends scores the mean of its slots' groups, an
             unbiased estimate of its expected score over the item draw (:func:`~crslight.modules.experience.
-            expected_item_scores`), instead of the one draw's outcome. The words then learn from what they control
-            (whether, where and how many items a reply names) every time, not only in the rare episode whose draw
-            was accepted; with ``item_lr: 0`` the item scores stay as they are and the alternatives serve only this.
+            expected_item_scores`), instead of the one draw's outcome. The words then learn what they control
+            (whether, where and how many items a reply names) from every reply whose group holds an item the user
+            would take, not only from the one whose own draw was taken; with ``item_lr: 0`` the item scores stay as
+            they are and the alternatives serve only this.
         item_ppo_epochs: With item alternatives: full-batch steps of the item scores alone on the rollout's slot states
             (cached, so the language model does not run) before the ``ppo_epochs`` passes: cheap extra updates of the
             item choice, each clipped to the rollout's distribution.
