@@ -349,6 +349,20 @@ class _NamesItemSignal(SignalExtractor):
         return [float(self.item in items) for items in batch.items]
 
 
+def _record_metric(module, key: str) -> list[float]:
+    """The list that each PPO iteration of ``module`` appends its scored rollout's metric ``key`` to."""
+    values = []
+    score = module.score
+
+    def recording_score(rollout):
+        episodes = score(rollout)
+        values.append(episodes.metrics[key])
+        return episodes
+
+    module.score = recording_score
+    return values
+
+
 def _recommender_run(tiny_recommender, iterations, text_turns=0, **options):
     """A tiny PPO module over the synthetic scenario's simulator, with item scores built as SFT would, its data and
     trainer."""
@@ -420,15 +434,7 @@ def test_ppo_moves_the_recommendation_towards_what_is_rewarded(tiny_recommender,
                 module.policy.get_output_embeddings().weight).exp()[0, row] for p in prompts]
         return float(torch.stack(probs).mean())
 
-    rewards = []
-    score = module.score
-
-    def recording_score(rollout):
-        episodes = score(rollout)
-        rewards.append(episodes.metrics[f"signal/{_NamesItemSignal.__name__}"])
-        return episodes
-
-    module.score = recording_score
+    rewards = _record_metric(module, f"signal/{_NamesItemSignal.__name__}")
     module.policy.eval()
     before = target_probability()
     trainer.fit(module, data)
@@ -453,15 +459,7 @@ def test_expected_item_scores_teach_the_words_to_recommend(tiny_recommender):
         with torch.no_grad():
             module.item_head.bias.zero_()
             module.item_head.proj.weight.zero_()
-        named = []
-        score = module.score
-
-        def recording_score(rollout):
-            episodes = score(rollout)
-            named.append(episodes.metrics["items_named"])
-            return episodes
-
-        module.score = recording_score
+        named = _record_metric(module, "items_named")
         trainer.fit(module, data)
         return named
 
